@@ -1,0 +1,100 @@
+"""The per-prompt reference label: the one schema shared by the estimator and the PPO plugin.
+
+A prompt row carries one JSON field (the PPO run names it with `--data.label_key`) that maps each
+reward-model name to its reference and the sample statistics behind it:
+
+    {"helpful":  {"reference": 1.73, "method": "quantile", "q": 0.85, "k": 64,
+                  "mean": 1.02, "std": 0.66, "quantiles": {"0.5": 1.01, "0.85": 1.73}},
+     "harmless": {"reference": 0.41, ...}}
+
+Only `reference` is read by PPO; the other keys document where it came from. The field may be a
+JSON object or a string holding one (OpenRLHF passes the dataset value through unchanged).
+"""
+
+import json
+import math
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+
+def parse_label(label: Any, index: int, label_key: str) -> Dict[str, Any]:
+    """Return the label of prompt `index` as a dict; raise naming the prompt and field if malformed."""
+    if isinstance(label, str):
+        try:
+            label = json.loads(label) if label.strip() else None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"prompt {index}: field {label_key!r} is not valid JSON ({e})") from None
+    if not isinstance(label, dict):
+        raise ValueError(
+            f"prompt {index}: field {label_key!r} must map reward-model names to "
+            f'{{"reference": float, ...}}, got {type(label).__name__} {label!r:.80}'
+        )
+    return label
+
+
+def references_from_labels(labels: Sequence[Any], names: Sequence[str], label_key: str) -> torch.Tensor:
+    """Read `[B, K]` references from B prompt labels for the K reward models named `names`.
+
+    Args:
+        labels: one label per sample (dict or JSON string, schema in this module's docstring).
+        names: reward-model names, in the column order of the rewards.
+        label_key: the dataset field name, used in error messages (`--data.label_key`).
+
+    Returns:
+        float32 tensor `[B, K]`.
+
+    Example:
+        >>> references_from_labels([{"rm": {"reference": 0.5}}], ["rm"], "ref").tolist()
+        [[0.5]]
+    """
+    out: List[List[float]] = []
+    for i, label in enumerate(labels):
+        label = parse_label(label, i, label_key)
+        row = []
+        for name in names:
+            entry = label.get(name)
+            value = entry.get("reference") if isinstance(entry, dict) else None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(
+                    f"prompt {i}: field {label_key!r} has no finite reference for reward model {name!r} "
+                    f"(expected {label_key}.{name}.reference to be a number, got {value!r}; "
+                    f"present: {sorted(label)})"
+                )
+            row.append(float(value))
+        out.append(row)
+    return torch.tensor(out, dtype=torch.float32).reshape(len(out), len(names))
+
+
+def sample_statistics(scores: torch.Tensor, quantiles: Sequence[float]) -> Dict[str, torch.Tensor]:
+    """Statistics of k sampled-response scores per prompt, the raw material of every estimator.
+
+    Args:
+        scores: `[P, k]` scores of k SFT samples for each of P prompts (k >= 2).
+        quantiles: levels in (0, 1); linear interpolation as `numpy.quantile`.
+
+    Returns:
+        dict with `mean` `[P]`, `std` `[P]` (unbiased, as numpy ddof=1), `k` (int) and
+        `quantiles` `[P, len(quantiles)]`.
+    """
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    if scores.dim() != 2 or scores.shape[1] < 2:
+        raise ValueError(f"need [prompts, k] scores with k >= 2 samples per prompt, got shape {tuple(scores.shape)}")
+    for q in quantiles:
+        if not 0.0 < q < 1.0:
+            raise ValueError(f"quantile levels must be in (0, 1), got {q}")
+    qs = torch.tensor(list(quantiles), dtype=torch.float64)
+    return {
+        "mean": scores.mean(1),
+        "std": scores.std(1),
+        "k": scores.shape[1],
+        "quantiles": torch.quantile(scores, qs, dim=1).T.reshape(scores.shape[0], len(qs)),
+    }
+
+
+def gaussian_reference(mean: torch.Tensor, std: torch.Tensor, q: float) -> torch.Tensor:
+    """r_ref = mu + z_q * sigma with z_q the standard-normal q-quantile (paper 1, appendix A.1)."""
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"quantile q must be in (0, 1), got {q}")
+    z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(q, dtype=torch.float64))
+    return torch.as_tensor(mean, dtype=torch.float64) + z * torch.as_tensor(std, dtype=torch.float64)

