@@ -114,7 +114,7 @@ def aggregate_rewards(
         return utilities.sum(-1)
     if weights is None or len(weights) != k:
         got = "none" if weights is None else len(weights)
-        raise ValueError(f"--lsc.aggregate weighted needs one weight per reward model: {k} models, {got} weights")
+        raise ValueError(f"--lsc.aggregate weighted needs --lsc.weights, one per reward model: {k} models, {got} weights")
     w = torch.as_tensor(list(weights), dtype=utilities.dtype, device=utilities.device)
     check_finite(w, "--lsc.weights")
     return (utilities * w).sum(-1)

@@ -44,7 +44,8 @@ def wrap(owner, name: str, expected_params, make_wrapper):
     original = inspect.getattr_static(owner, name)
     if getattr(original, "__lsc_original__", None) is not None:
         return  # already wrapped in this process
-    params = list(inspect.signature(original).parameters)
+    # Ray adds `_ray_trace_ctx` to actor methods; wrappers of actor methods pass **kwargs through.
+    params = [p for p in inspect.signature(original).parameters if p != "_ray_trace_ctx"]
     if params != list(expected_params):
         raise RuntimeError(
             f"openrlhf_lsc cannot patch {owner.__module__}.{owner.__qualname__}.{name}: expected parameters "
