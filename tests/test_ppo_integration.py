@@ -248,3 +248,32 @@ def test_reward_actor_scores_with_k_models(openrlhf_modules):
     seq = torch.tensor([[1, 2, 3], [4, 5, 6]])
     out = cls.forward(actor, seq, torch.ones_like(seq))
     torch.testing.assert_close(out, torch.tensor([[6.0, -12.0], [15.0, -30.0]]))
+
+
+def test_rewards_already_transformed_by_reward_func_are_not_transformed_twice(openrlhf_modules):
+    em, Experience = openrlhf_modules
+    exps = experiences(Experience, torch.zeros(2, 1), ["", ""], [0, 1], [2])
+    exps[0].info["lsc_transformed"] = torch.ones(2)
+    maker = make_maker(em, "reinforce", 2, lsc=dict(transform="lsc", aggregate="and", reference="constant",
+                                                    reference_value=[0.0], reward_names=["remote"]))
+    with pytest.raises(ValueError, match="already applied the transform; use --lsc.transform raw"):
+        maker.compute_advantages_and_returns(exps)
+
+
+def test_signature_mismatch_fails_loudly():
+    from openrlhf_lsc.integration import wrap
+
+    class Host:
+        def compute(self, experiences, extra):
+            return experiences
+
+    with pytest.raises(RuntimeError, match=r"cannot patch .*Host.compute: expected parameters \['self', 'experiences'\]"):
+        wrap(Host, "compute", ["self", "experiences"], lambda original: original)
+
+
+def test_version_outside_the_supported_range_is_refused(monkeypatch):
+    import openrlhf_lsc.integration as integration
+
+    monkeypatch.setattr(integration, "version", lambda name: "0.12.0")
+    with pytest.raises(RuntimeError, match=r"supports OpenRLHF >=0.11.2,<0.12 but found 0.12.0"):
+        integration.check_openrlhf_version()
