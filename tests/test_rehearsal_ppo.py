@@ -1,0 +1,282 @@
+"""Rehearsal loss in the real OpenRLHF actor step: DeepSpeed ZeRO-2 on CPU (gloo, world size 1), the real
+`ActorPPOTrainer.training_step` patched by `openrlhf_lsc.integration.rehearsal.apply()`, a tiny Llama.
+
+Gradients are read after the step's single backward (DeepSpeed's own fp32 gradient partitions) with the
+learning rate at 0, so every case starts from the same weights.
+"""
+
+import json
+import os
+import socket
+from types import SimpleNamespace as NS
+
+import numpy as np
+import pytest
+import torch
+
+WORDS = ["<pad>", "<unk>", "</s>", "Q:", "A:"] + [f"w{i}" for i in range(40)]
+TEMPLATE = "Q: {} A: "  # SFTDataset joins prompt + response with no separator
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def _rows(n: int):
+    g = np.random.default_rng(0)
+    words = lambda k: " ".join(f"w{i}" for i in g.integers(0, 40, k))  # noqa: E731
+    return [{"q": words(int(g.integers(2, 5))), "a": words(int(g.integers(1, 4)))} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="-1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    import cpu_shims
+
+    cpu_shims.install()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("rehearsal_ppo")
+    tok = _tokenizer()
+    tok.save_pretrained(root / "model")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=0, bos_token_id=2, eos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    rows = _rows(12)
+    with open(root / "dr.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    import deepspeed
+    import openrlhf.trainer.ray.ppo_actor as ppo_actor
+    from openrlhf.models import Actor
+    from openrlhf.utils.deepspeed import DeepspeedStrategy
+
+    from openrlhf_lsc.integration import rehearsal
+
+    rehearsal.apply()
+    args = NS(
+        local_rank=-1,
+        ds=NS(param_dtype="bf16", zero_stage=2, adam_offload=False, zpg=1, use_universal_ckpt=False,
+              grad_accum_dtype=None, overlap_comm=False, deepcompile=False, tensor_parallel_size=1, ring_attn_size=1,
+              packing_samples=False, enable_sleep=False),
+        train=NS(dynamic_batch_enable=False, max_epochs=1, colocate_all=False, async_enable=False, seed=7),
+        actor=NS(eps_clip_low_high=(0.2, 0.2), dual_clip=None, loss_agg_mode="token-mean", policy_loss_type="ppo",
+                 aux_loss_coef=0, entropy_coef=None),
+        algo=NS(advantage=NS(is_correction_level="off", is_correction_mode="mask", is_correction_gating="ratio",
+                             is_correction_threshold=(0.5, 5.0)), kl=NS(use_loss=False)),
+        vllm=NS(sync_backend="gloo"),
+        data=NS(apply_chat_template=False, input_template=TEMPLATE, max_len=64),
+        ckpt=NS(path=str(root / "ckpt"), max_num=3, max_mem=1000),
+        lsc=NS(rehearsal=NS(dataset=str(root / "dr.jsonl"), coef=0.3, input_key="q", output_key="a",
+                            micro_batch_size=2, max_len=None)),
+    )
+    strategy = DeepspeedStrategy(seed=7, micro_train_batch_size=2, train_batch_size=2, zero_stage=2, args=args)
+    strategy.setup_distributed()
+    actor = Actor(str(root / "model"), attn_implementation="eager", param_dtype="bf16", ds_config=strategy.get_ds_train_config())
+    actor.model.float()  # fp32 ZeRO-2 so gradient sums compare to float32 rounding
+
+    stock_config = strategy.get_ds_train_config
+
+    def ds_config(*a, **k):  # torch AdamW (no compiled DeepSpeed op) and no bf16 wrapper
+        c = stock_config(*a, **k)
+        c["optimizer"]["params"]["torch_adam"] = True
+        c["bf16"]["enabled"] = False
+        return c
+
+    strategy.get_ds_train_config = ds_config
+    optim_cfg = dict(optim="adam", muon={}, adam=dict(lr=0.0, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0),
+                     lr_scheduler="constant", lr_warmup_ratio=0.0, min_lr_ratio=0.1, max_norm=0.0, scheduler_steps=10)
+    model, optim, sched = strategy.prepare((actor, optim_cfg))
+    assert isinstance(model.model, deepspeed.DeepSpeedEngine) and model.model.zero_optimization_stage() == 2
+    # The replay buffer is unused by training_step without dynamic batching; its constructor needs CUDA.
+    buffer = ppo_actor.NaiveReplayBuffer
+    ppo_actor.NaiveReplayBuffer = lambda *a, **k: None
+    try:
+        trainer = ppo_actor.ActorPPOTrainer(strategy, model, None, optim, sched, micro_train_batch_size=2, tokenizer=tok)
+    finally:
+        ppo_actor.NaiveReplayBuffer = buffer
+    stream = rehearsal.attach(trainer, tok)
+
+    grads = {}
+
+    def optimizer_step(_optim, m, _sched, name="model", **kw):  # record, then the real (lr 0) step
+        grads.clear()
+        for n, p in m.model.module.named_parameters():
+            grads[n] = deepspeed.utils.safe_get_full_grad(p).detach().clone().float()
+        m.model.step()
+
+    strategy.optimizer_step = optimizer_step
+    return NS(root=root, rows=rows, tok=tok, strategy=strategy, model=model, optim=optim, trainer=trainer,
+              stream=stream, grads=grads, rehearsal=rehearsal)
+
+
+def _experience():
+    from openrlhf.trainer.ppo_utils.experience import Experience
+
+    g = torch.Generator().manual_seed(1)
+    return Experience(
+        sequences=torch.randint(5, len(WORDS), (2, 10), generator=g),
+        attention_mask=torch.ones(2, 10, dtype=torch.long),
+        action_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool),
+        action_log_probs=-3.7 - 0.2 * torch.rand(2, 5, generator=g),
+        advantages=torch.randn(2, 5, generator=g),
+    )
+
+
+def _step(env, coef):
+    """One patched training step from the stream's start; coef None = rehearsal off (stock)."""
+    env.stream.load_state_dict({"epoch": 0, "batches": 0})
+    env.trainer.lsc_rehearsal = None if coef is None else env.stream
+    env.stream.coef = coef
+    try:
+        status = env.trainer.training_step(_experience(), 0.0, 0)
+    finally:
+        env.trainer.lsc_rehearsal = env.stream
+    return status, dict(env.grads)
+
+
+def test_one_backward_equals_ppo_plus_gamma_nll_gradients(env):
+    gamma = 0.3
+    combined, g_both = _step(env, gamma)
+    stock, g_ppo = _step(env, None)
+    # gamma * NLL alone, on the same first micro-batch, through the same engine backward.
+    env.stream.load_state_dict({"epoch": 0, "batches": 0})
+    nll = env.stream.nll(env.model)
+    env.strategy.backward(gamma * nll, env.model, env.optim)
+    env.strategy.optimizer_step(env.optim, env.model, None)
+    g_nll = dict(env.grads)
+
+    assert set(g_both) == set(g_ppo) == set(g_nll) and len(g_both) > 10
+    for name in g_both:
+        torch.testing.assert_close(g_both[name], g_ppo[name] + g_nll[name], rtol=1e-5, atol=1e-7, msg=name)
+    # Both terms matter here, so the check above can fail.
+    diff = max((g_both[n] - g_ppo[n]).abs().max().item() for n in g_both)
+    scale = max(g_ppo[n].abs().max().item() for n in g_ppo)
+    assert diff > 0.05 * scale
+    m = combined["metrics"]
+    assert m["rehearsal_coef"] == gamma and combined["weights"]["rehearsal_nll"] == "sample"
+    assert m["rehearsal_nll"].item() == pytest.approx(nll.item(), rel=1e-6)
+    assert m["policy_loss"].item() == pytest.approx(stock["metrics"]["policy_loss"].item(), rel=1e-6)
+    assert "rehearsal_nll" not in stock["metrics"]
+
+
+def test_gamma_zero_reproduces_stock_gradients_exactly(env):
+    _, g_zero = _step(env, 0.0)
+    _, g_stock = _step(env, None)
+    assert all(torch.equal(g_zero[n], g_stock[n]) for n in g_stock)
+
+
+def test_rehearsal_nll_is_the_response_likelihood(env):
+    """Independent NLL: tokenize template(prompt) and response + EOS separately, score every row alone."""
+    from scipy.special import logsumexp
+
+    tok, module = env.tok, env.model.model.module
+    full = {}
+    for r in env.rows:
+        p = tok(TEMPLATE.format(r["q"]), add_special_tokens=False)["input_ids"]
+        a = tok(r["a"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        full[tuple(p + a)] = len(p)
+    env.stream.load_state_dict({"epoch": 0, "batches": 3})
+    with torch.no_grad():
+        got = env.stream.nll(env.model).item()
+        env.stream.load_state_dict({"epoch": 0, "batches": 3})
+        ids, mask, _ = env.stream.next_batch()
+        total, count = 0.0, 0
+        for row_ids, row_mask in zip(ids, mask):
+            seq = tuple(row_ids[row_mask.bool()].tolist())
+            assert seq in full, "rehearsal tokens differ from template(prompt) + response + EOS"
+            n_prompt = full[seq]
+            logits = module(torch.tensor([seq])).logits[0].double().numpy()
+            logp = logits - logsumexp(logits, axis=-1, keepdims=True)
+            for t in range(n_prompt, len(seq)):
+                total -= logp[t - 1, seq[t]]
+                count += 1
+    assert got == pytest.approx(total / count, rel=1e-5)
+
+
+def _sharded_stream(env, rank, world, state=None):
+    """A stream that sees itself as DP rank `rank` of `world` (OpenRLHF's DistributedSampler)."""
+    from openrlhf.utils.distributed_sampler import DistributedSampler
+
+    real = env.strategy.setup_dataloader
+
+    def setup_dataloader(dataset, *a, **k):
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=env.strategy.seed, drop_last=True)
+        return real(dataset, *a, sampler=sampler, **k)
+
+    env.strategy.setup_dataloader = setup_dataloader
+    try:
+        return env.rehearsal.RehearsalStream(env.strategy, env.tok, env.strategy.args.lsc.rehearsal, state)
+    finally:
+        del env.strategy.setup_dataloader
+
+
+def _rows_of(batch):
+    return [tuple(r[m.bool()].tolist()) for r, m in zip(batch[0], batch[1])]
+
+
+def test_ranks_split_each_pass_and_resume_mid_pass_and_across_passes(env):
+    world, per_pass = 2, 3  # 12 pairs / (2 ranks x micro-batch 2)
+    streams = [_sharded_stream(env, r, world) for r in range(world)]
+    drawn = {r: [_rows_of(streams[r].next_batch()) for _ in range(2 * per_pass + 2)] for r in range(world)}
+    for p in range(2):  # every pass: the two ranks together see each pair exactly once
+        seen = [row for r in range(world) for b in drawn[r][p * per_pass:(p + 1) * per_pass] for row in b]
+        assert len(seen) == 12 and len(set(seen)) == 12
+    first = [row for b in drawn[0][:per_pass] for row in b]
+    second = [row for b in drawn[0][per_pass:2 * per_pass] for row in b]
+    assert first != second  # reshuffled between passes
+    for k in (1, per_pass, per_pass + 1, 2 * per_pass + 1):  # resume after k micro-batches on rank 1
+        s = _sharded_stream(env, 1, world)
+        for _ in range(k):
+            s.next_batch()
+        resumed = _sharded_stream(env, 1, world, state=s.state_dict())
+        assert [_rows_of(resumed.next_batch()) for _ in range(2 * per_pass + 2 - k)] == drawn[1][k:]
+
+
+def test_position_saved_in_openrlhf_checkpoint_and_restored(env):
+    """Real PolicyModelActor.save_checkpoint (patched) -> DeepSpeed checkpoint -> load_ckpt -> resume."""
+    from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
+
+    actor_cls = PolicyModelActor.__ray_metadata__.modified_class.__ray_actor_class__
+    env.stream.load_state_dict({"epoch": 0, "batches": 0})
+    for _ in range(4):  # crosses into the second pass (6 micro-batches of 2 per pass at world size 1)
+        env.stream.next_batch()
+    for _ in range(4):
+        env.stream.next_batch()
+    owner = NS(strategy=env.strategy, actor=env.model, trainer=env.trainer, disable_ds_ckpt=False, save_hf_ckpt=False)
+    actor_cls.save_checkpoint(owner, "global_step3", client_states={"global_step": 3})
+    expected = [_rows_of(env.stream.next_batch()) for _ in range(3)]
+
+    _, states = env.strategy.load_ckpt(env.model.model, os.path.join(env.strategy.args.ckpt.path, "_actor"))
+    assert states["global_step"] == 3 and states["lsc_rehearsal"] == {"epoch": 1, "batches": 2}
+    loaded = NS(trainer=NS(strategy=env.strategy), tokenizer=env.tok, checkpoint_states=states)
+    env.rehearsal._wrap_init(lambda *a, **k: None)(loaded, env.strategy, "unused")
+    assert [_rows_of(loaded.trainer.lsc_rehearsal.next_batch()) for _ in range(3)] == expected
+
+
+def test_bad_rehearsal_input_names_the_flag(env, tmp_path):
+    cfg = env.strategy.args.lsc.rehearsal
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"q": "w1", "answer": "w2"}) + "\n")
+    with pytest.raises(ValueError, match=r"no field 'a' \(--lsc.rehearsal.output_key\)"):
+        env.rehearsal.RehearsalStream(env.strategy, env.tok, NS(**{**vars(cfg), "dataset": str(bad)}))
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"q": "w1", "a": "w2"}) + "\n")
+    with pytest.raises(ValueError, match="1 usable pairs, fewer than --lsc.rehearsal.micro_batch_size 2"):
+        env.rehearsal.RehearsalStream(env.strategy, env.tok, NS(**{**vars(cfg), "dataset": str(one)}))
+    for key, value, flag in (("coef", -0.1, "coef"), ("coef", float("nan"), "coef"), ("micro_batch_size", 0, "micro_batch_size")):
+        with pytest.raises(ValueError, match=f"--lsc.rehearsal.{flag}"):
+            env.rehearsal.check_config(NS(**{**vars(cfg), key: value}))
