@@ -276,3 +276,58 @@ def embed(encoder: Any, texts: list, batch_size: int) -> np.ndarray:
     return encoder.encode(
         texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
     ).astype(np.float32)
+
+
+def load_rows(dataset: str, split: str = "train") -> list:
+    """Rows of a dataset as `train_ppo_ray --data.prompt_dataset` reads it (JSONL/JSON/CSV/parquet, folder)."""
+    from openrlhf.datasets.utils import blending_datasets
+
+    quiet = SimpleNamespace(print=lambda *a, **k: None, is_rank_0=lambda: False, args=SimpleNamespace(use_ms=False))
+    return blending_datasets(dataset, None, quiet, dataset_split=split).to_list()
+
+
+def format_pairs(rows: list, input_key: str, output_key: str, input_template: Optional[str] = None,
+                 tokenizer: Any = None, apply_chat_template: bool = False):
+    """(prompt, response) texts as OpenRLHF's SFT data formats them, response ending in EOS.
+
+    Args:
+        rows: dataset rows with `input_key` (prompt) and `output_key` (expert/SFT response).
+        input_template, apply_chat_template: as `--data.input_template` / `--data.apply_chat_template`
+            (the chat template is `tokenizer`'s).
+        tokenizer: supplies the chat template, or without one the EOS text appended to each response
+            (PPO's responses end in EOS; a chat template ends the turn itself); None appends nothing.
+
+    Returns:
+        (prompts, responses): two lists of strings.
+    """
+    from openrlhf.datasets.sft_dataset import preprocess_data
+
+    template = tokenizer.apply_chat_template if apply_chat_template else None
+    eos = "" if template else getattr(tokenizer, "eos_token", None) or ""
+    prompts, responses = [], []
+    for row in rows:
+        prompt, response = preprocess_data(row, None if template else input_template, input_key, output_key, template)
+        prompts.append(prompt)
+        responses.append(response if response.endswith(eos) else response + eos)
+    return prompts, responses
+
+
+def reward_scorer(model: Optional[str] = None, url: Optional[str] = None, **kwargs: Any):
+    """A scorer `(prompts, responses) -> list of floats`: a local OpenRLHF RM/AM or a `serve_rm` endpoint.
+
+    Args:
+        model: RM or Advantage Model checkpoint, loaded by OpenRLHF's `get_llm_for_sequence_regression`.
+        url: `serve_rm` endpoint instead of `model`.
+        kwargs: `LocalRewardModel` options (normalize, param_dtype, attn_implementation,
+            value_head_prefix, max_len, batch_size); for `url` only batch_size.
+
+    Returns:
+        (scorer, tokenizer or None).
+    """
+    # The reference estimator's scorers (same conventions as the rewards PPO sees).
+    from openrlhf_lsc.integration.estimate_io import HttpRewardModel, LocalRewardModel
+
+    if model:
+        rm = LocalRewardModel(model, **kwargs)
+        return rm.score, rm.tokenizer
+    return HttpRewardModel(url, batch_size=kwargs.get("batch_size", 64)), None
