@@ -451,6 +451,45 @@ def test_patched_reward_hooks(clean_hooks, patched):
 
 
 @inside_patched
+def test_patched_openrlhf_lsc_uses_the_reward_hook(clean_hooks, patched):
+    """On a patched OpenRLHF, openrlhf_lsc's PPO integration uses REWARD_HOOKS instead of wrapping stock code:
+    the --lsc.* config on args gives the AND-LSC utility from [B, 2] rewards (checked against numpy)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from openrlhf.trainer.ppo_utils.experience import Experience
+    from openrlhf_lsc.integration import ppo
+
+    em = patched[1]
+    ppo.apply()
+    ppo.apply()
+    assert clean_hooks.REWARD_HOOKS == [ppo.reward_hook]
+    assert not hasattr(em.RemoteExperienceMaker.compute_advantages_and_returns, "__lsc_original__")
+    raw = torch.tensor([[0.3, -1.2], [2.0, 0.4], [-0.7, 1.5], [1.1, 1.1]])
+    maker = em.RemoteExperienceMaker.__new__(em.RemoteExperienceMaker)
+    maker.advantage_estimator = "reinforce"
+    maker.kl_ctl = SimpleNamespace(value=0.0)
+    maker.strategy = SimpleNamespace(args=SimpleNamespace(
+        rollout=SimpleNamespace(n_samples_per_prompt=2),
+        reward=SimpleNamespace(clip_range=None),
+        data=SimpleNamespace(label_key=None),
+        algo=SimpleNamespace(advantage=SimpleNamespace(estimator="reinforce", gamma=1.0, lambd=1.0, no_std_norm=True)),
+        lsc=SimpleNamespace(transform="lsc", aggregate="and", weights=None, reference="constant", quantile=None,
+                            reference_value=[0.5, -0.5], reward_names=["a", "b"], dump_rewards=None),
+    ))
+    exps = [_experiences(Experience, raw[index].clone(), index) for index in ([0, 3], [2, 1])]
+    for e in exps:
+        e.labels = [""] * len(e.index)
+    out = maker.compute_advantages_and_returns(exps)
+    utility = (-np.log1p(np.exp(-(raw.numpy().astype(np.float64) - np.array([0.5, -0.5]))))).sum(1)
+    for e in out:
+        np.testing.assert_allclose(e.rewards.numpy(), utility[e.index], rtol=1e-5)
+        np.testing.assert_allclose(e.info["lsc/b/margin"].numpy(), raw.numpy()[e.index, 1] + 0.5, rtol=1e-5)
+
+
+@inside_patched
 def test_patched_actor_loss_hook(clean_hooks, patched):
     """An actor-loss hook's term joins the stock PPO loss in the same backward: the loss given to backward is
     the stock loss plus the term (both computed in this test's two runs), with the term's gradient."""

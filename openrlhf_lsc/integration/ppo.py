@@ -24,6 +24,15 @@ GROUP_MEAN_ESTIMATORS = ("rloo", "reinforce_baseline", "dr_grpo", "group_norm")
 
 
 def apply() -> None:
+    try:  # OpenRLHF with patches/ applied: its hook points replace the wrappers below
+        from openrlhf.utils import plugins
+    except ImportError:
+        plugins = None
+    if plugins is not None and hasattr(plugins, "REWARD_HOOKS"):
+        if reward_hook not in plugins.REWARD_HOOKS:
+            plugins.REWARD_HOOKS.append(reward_hook)
+        return  # the patched RewardModelActor loads the K reward models itself
+
     from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
     from openrlhf.trainer.ray.launcher import RewardModelActor
 
@@ -69,6 +78,18 @@ def _wrap_rm_forward(original):
         return torch.stack(rewards, dim=-1)  # [b, K]
 
     return forward
+
+
+_hook_steps = 0
+
+
+def reward_hook(experiences, args):
+    """`REWARD_HOOKS` entry for a patched OpenRLHF (patches/0002): the same transform as the wrapper."""
+    global _hook_steps
+    if getattr(args, "lsc", None) is not None:
+        _hook_steps += 1
+        apply_lsc_rewards(experiences, args, _hook_steps)
+    return experiences
 
 
 def _wrap_advantages(original):
