@@ -60,7 +60,6 @@ def env(tmp_path_factory):
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
     import deepspeed
-    import openrlhf.trainer.ray.ppo_actor as ppo_actor
     from openrlhf.models import Actor
     from openrlhf.utils.deepspeed import DeepspeedStrategy
 
@@ -101,15 +100,8 @@ def env(tmp_path_factory):
                      lr_scheduler="constant", lr_warmup_ratio=0.0, min_lr_ratio=0.1, max_norm=0.0, scheduler_steps=10)
     model, optim, sched = strategy.prepare((actor, optim_cfg))
     assert isinstance(model.model, deepspeed.DeepSpeedEngine) and model.model.zero_optimization_stage() == 2
-    # The replay buffer is unused by training_step without dynamic batching; its constructor needs CUDA.
-    buffer = ppo_actor.NaiveReplayBuffer
-    ppo_actor.NaiveReplayBuffer = lambda *a, **k: None
-    try:
-        trainer = ppo_actor.ActorPPOTrainer(strategy, model, None, optim, sched, micro_train_batch_size=2, tokenizer=tok)
-    finally:
-        ppo_actor.NaiveReplayBuffer = buffer
-    stream = rehearsal.attach(trainer, tok)
-
+    trainer = _trainer(strategy, model, optim, sched, tok)  # the patched __init__ attaches the stream
+    stream = strategy.lsc_rehearsal
     grads = {}
 
     def optimizer_step(_optim, m, _sched, name="model", **kw):  # record, then the real (lr 0) step
@@ -119,8 +111,20 @@ def env(tmp_path_factory):
         m.model.step()
 
     strategy.optimizer_step = optimizer_step
-    return NS(root=root, rows=rows, tok=tok, strategy=strategy, model=model, optim=optim, trainer=trainer,
+    return NS(root=root, rows=rows, tok=tok, strategy=strategy, model=model, optim=optim, sched=sched, trainer=trainer,
               stream=stream, grads=grads, rehearsal=rehearsal)
+
+
+def _trainer(strategy, model, optim, sched, tok):
+    import openrlhf.trainer.ray.ppo_actor as ppo_actor
+
+    # The replay buffer is unused by training_step without dynamic batching; its constructor needs CUDA.
+    buffer = ppo_actor.NaiveReplayBuffer
+    ppo_actor.NaiveReplayBuffer = lambda *a, **k: None
+    try:
+        return ppo_actor.ActorPPOTrainer(strategy, model, None, optim, sched, micro_train_batch_size=2, tokenizer=tok)
+    finally:
+        ppo_actor.NaiveReplayBuffer = buffer
 
 
 def _experience():
@@ -139,12 +143,12 @@ def _experience():
 def _step(env, coef):
     """One patched training step from the stream's start; coef None = rehearsal off (stock)."""
     env.stream.load_state_dict({"epoch": 0, "batches": 0})
-    env.trainer.lsc_rehearsal = None if coef is None else env.stream
+    env.strategy.lsc_rehearsal = None if coef is None else env.stream
     env.stream.coef = coef
     try:
         status = env.trainer.training_step(_experience(), 0.0, 0)
     finally:
-        env.trainer.lsc_rehearsal = env.stream
+        env.strategy.lsc_rehearsal = env.stream
     return status, dict(env.grads)
 
 
@@ -247,24 +251,28 @@ def test_ranks_split_each_pass_and_resume_mid_pass_and_across_passes(env):
 
 
 def test_position_saved_in_openrlhf_checkpoint_and_restored(env):
-    """Real PolicyModelActor.save_checkpoint (patched) -> DeepSpeed checkpoint -> load_ckpt -> resume."""
+    """Real PolicyModelActor.save_checkpoint -> DeepSpeed checkpoint -> load_ckpt -> a new trainer resumes D_R."""
     from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
 
     actor_cls = PolicyModelActor.__ray_metadata__.modified_class.__ray_actor_class__
     env.stream.load_state_dict({"epoch": 0, "batches": 0})
-    for _ in range(4):  # crosses into the second pass (6 micro-batches of 2 per pass at world size 1)
+    for _ in range(8):  # into the second pass (6 micro-batches of 2 per pass at world size 1)
         env.stream.next_batch()
-    for _ in range(4):
-        env.stream.next_batch()
-    owner = NS(strategy=env.strategy, actor=env.model, trainer=env.trainer, disable_ds_ckpt=False, save_hf_ckpt=False)
+    owner = NS(strategy=env.strategy, actor=env.model, disable_ds_ckpt=False, save_hf_ckpt=False)
     actor_cls.save_checkpoint(owner, "global_step3", client_states={"global_step": 3})
     expected = [_rows_of(env.stream.next_batch()) for _ in range(3)]
 
-    _, states = env.strategy.load_ckpt(env.model.model, os.path.join(env.strategy.args.ckpt.path, "_actor"))
-    assert states["global_step"] == 3 and states["lsc_rehearsal"] == {"epoch": 1, "batches": 2}
-    loaded = NS(trainer=NS(strategy=env.strategy), tokenizer=env.tok, checkpoint_states=states)
-    env.rehearsal._wrap_init(lambda *a, **k: None)(loaded, env.strategy, "unused")
-    assert [_rows_of(loaded.trainer.lsc_rehearsal.next_batch()) for _ in range(3)] == expected
+    try:
+        # As PolicyModelActor.init_model_from_pretrained: load the checkpoint, then build the trainer.
+        _, states = env.strategy.load_ckpt(env.model.model, os.path.join(env.strategy.args.ckpt.path, "_actor"))
+        assert states["global_step"] == 3 and states["lsc_rehearsal"] == {"epoch": 1, "batches": 2}
+        _trainer(env.strategy, env.model, env.optim, env.sched, env.tok)
+        resumed = env.strategy.lsc_rehearsal
+        assert resumed is not env.stream
+        assert [_rows_of(resumed.next_batch()) for _ in range(3)] == expected
+    finally:
+        env.strategy.lsc_rehearsal = env.stream
+        del env.strategy.lsc_loaded_client_states
 
 
 def test_bad_rehearsal_input_names_the_flag(env, tmp_path):

