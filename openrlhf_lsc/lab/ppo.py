@@ -1,0 +1,238 @@
+"""A compact PPO for CPU that mirrors OpenRLHF 0.11's defaults, with the plugin's reward pipeline.
+
+What is mirrored (file references are to the installed openrlhf package):
+- reward: the K proxy rewards go through `openrlhf_lsc.rewards.aggregate_rewards` with references read
+  by `openrlhf_lsc.references.references_from_labels` -- the calls `openrlhf_lsc.integration.ppo`
+  makes inside OpenRLHF -- before group baselines, clipping and the KL penalty;
+- group baselines for rloo / reinforce_baseline / group_norm and the per-token k1 KL penalty with the
+  utility at the EOS token, clipped to `clip_range` (`RemoteExperienceMaker.compute_advantages_and_returns`,
+  `models/utils.py:compute_reward`);
+- GAE (gamma = lambda = 1 by default) or cumulative returns, then advantage whitening over all action
+  tokens for gae / reinforce / reinforce_baseline;
+- the clipped surrogate (eps 0.2) and clipped value loss (0.5), token-mean (`models/loss.py`), gradient
+  norm clipped to 1, the critic initialised from the (first) reward model.
+What differs: constant learning rates sized for a 100k-parameter model (OpenRLHF: 1e-6 / 9e-6 with warm-up
+and cosine decay for LLMs); one process, no vLLM/DeepSpeed. `tests/test_lab_ppo.py` checks the
+advantage and loss code against OpenRLHF's own functions.
+"""
+
+import copy
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from openrlhf_lsc.lab import models
+from openrlhf_lsc.references import references_from_labels
+from openrlhf_lsc.rewards import aggregate_rewards
+
+ESTIMATORS = ("gae", "reinforce", "rloo", "reinforce_baseline", "group_norm")
+LABEL_KEY = "lsc_ref"
+ADAM_BETAS = (0.9, 0.95)  # --actor.adam.betas / --critic.adam.betas defaults
+
+
+@dataclass
+class PPOConfig:
+    """PPO settings; the OpenRLHF flag each mirrors is in the comment."""
+
+    kl_coef: float = 0.01  # --algo.kl.init_coef (fixed, k1 estimator)
+    estimator: str = "gae"  # --algo.advantage.estimator
+    n_samples_per_prompt: int = 1  # --rollout.n_samples_per_prompt
+    rollout_prompts: int = 32  # --rollout.batch_size
+    train_batch: int = 32  # --train.batch_size (samples per optimizer step)
+    epochs: int = 1  # --train.max_epochs
+    steps: int = 60  # rollout/update rounds
+    eps_clip: float = 0.2  # --actor.eps_clip
+    value_clip: float = 0.5  # --critic.value_clip
+    gamma: float = 1.0  # --algo.advantage.gamma
+    lambd: float = 1.0  # --algo.advantage.lambd
+    clip_range: Tuple[float, float] = (-10.0, 10.0)  # --reward.clip_range
+    actor_lr: float = 5e-4
+    critic_lr: float = 1e-3
+    max_norm: float = 1.0  # --actor.max_norm / --critic.max_norm
+
+    def __post_init__(self):
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"PPO estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.estimator in ("rloo", "reinforce_baseline", "group_norm") and self.n_samples_per_prompt < 2:
+            raise ValueError(f"estimator {self.estimator} needs n_samples_per_prompt >= 2")
+
+
+@dataclass
+class RewardPipeline:
+    """Proxy reward models -> references from prompt labels -> the plugin's aggregate_rewards."""
+
+    reward_models: Sequence[models.RewardModel]
+    names: Sequence[str]
+    labels: Sequence[dict]  # one label per prompt (schema of openrlhf_lsc.references)
+    transform: str = "raw"
+    aggregate: str = "and"
+    weights: Optional[Sequence[float]] = None
+
+    def rewards(self, prompt_ids: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+        """Proxy rewards `[B, K]`."""
+        return torch.stack([models.score(rm, prompt_ids, responses) for rm in self.reward_models], 1)
+
+    def utility(self, rewards: torch.Tensor, prompt_index: Sequence[int]) -> torch.Tensor:
+        """Utilities `[B]` from proxy rewards `[B, K]` of samples of prompts `prompt_index`."""
+        refs = None
+        if self.transform in ("lsc", "center"):
+            refs = references_from_labels([self.labels[i] for i in prompt_index], self.names, LABEL_KEY)
+        return aggregate_rewards(rewards, refs, self.transform, self.aggregate, self.weights)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def advantages_and_returns(
+    utility: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    values: Optional[torch.Tensor],
+    cfg: PPOConfig,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """OpenRLHF's advantage computation for one rollout batch.
+
+    Args:
+        utility: `[B]` sequence-level rewards, prompt-major (n_samples_per_prompt consecutive samples per prompt).
+        kl: `[B, L]` per-token KL estimate (k1: log pi - log pi_ref).
+        mask: `[B, L]` action mask.
+        values: `[B, L]` critic values (gae only).
+        cfg: estimator, n_samples_per_prompt, kl_coef, clip_range, gamma, lambd.
+
+    Returns:
+        (advantages, returns), each `[B, L]`.
+    """
+    r = utility.float().reshape(-1, cfg.n_samples_per_prompt)
+    if cfg.estimator == "rloo":
+        r = r - (r.sum(-1, keepdim=True) - r) / (cfg.n_samples_per_prompt - 1)
+    elif cfg.estimator == "reinforce_baseline":
+        r = r - r.mean(-1, keepdim=True)
+    elif cfg.estimator == "group_norm":
+        r = (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + 1e-9)
+    r = r.reshape(-1).clamp(*cfg.clip_range)
+    # Utility at the last action token (the EOS), minus the KL penalty at every token.
+    last = mask.size(1) - 1 - mask.long().fliplr().argmax(dim=1, keepdim=True)
+    rewards = torch.zeros_like(kl).scatter_(1, last, r.unsqueeze(1).to(kl.dtype)) - max(cfg.kl_coef, 0.0) * kl
+    rewards = rewards * mask
+    length = rewards.size(1)
+    if cfg.estimator == "gae":
+        values = values * mask
+        adv, last_gae = [], 0.0
+        for t in reversed(range(length)):
+            next_value = values[:, t + 1] if t < length - 1 else 0.0
+            delta = rewards[:, t] + cfg.gamma * next_value - values[:, t]
+            last_gae = delta + cfg.gamma * cfg.lambd * last_gae
+            adv.append(last_gae)
+        advantages = torch.stack(adv[::-1], 1)
+        returns = advantages + values
+    else:
+        gamma = cfg.gamma if cfg.estimator == "reinforce" else 1.0
+        returns = torch.zeros_like(rewards)
+        running = torch.zeros(rewards.size(0))
+        for t in reversed(range(length)):
+            running = rewards[:, t] + gamma * running
+            returns[:, t] = running
+        advantages = returns.clone()
+    if cfg.estimator in ("gae", "reinforce", "reinforce_baseline"):
+        mean = masked_mean(advantages, mask)
+        var = masked_mean((advantages - mean) ** 2, mask)
+        advantages = (advantages - mean) * var.clamp(min=1e-8).rsqrt()
+    return advantages, returns
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                eps: float) -> torch.Tensor:
+    """PPO clipped surrogate, token-mean (OpenRLHF's PolicyLoss with defaults)."""
+    ratio = (logp - old_logp).clamp(-20.0, 20.0).exp()
+    surr = torch.min(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
+    return masked_mean(-surr, mask)
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float) -> torch.Tensor:
+    """Clipped value loss, token-mean, times 0.5 (OpenRLHF's ValueLoss)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.max((clipped - returns) ** 2, (values - returns) ** 2), mask)
+
+
+@dataclass
+class PPOResult:
+    policy: torch.nn.Module
+    history: List[Dict[str, float]] = field(default_factory=list)
+
+
+def train(
+    sft: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    pipeline: RewardPipeline,
+    cfg: PPOConfig,
+    seed: int,
+    desc: str = "PPO",
+) -> PPOResult:
+    """Run PPO from the SFT policy on the training prompts `prompt_ids` `[P, prompt_len]`.
+
+    Returns the trained policy and per-step logs (utility, proxy rewards, KL to SFT, response length).
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    policy, ref = copy.deepcopy(sft), sft
+    ref.eval()
+    actor_opt = torch.optim.Adam(policy.parameters(), lr=cfg.actor_lr, betas=ADAM_BETAS)
+    critic = critic_opt = None
+    if cfg.estimator == "gae":
+        critic = copy.deepcopy(pipeline.reward_models[0])
+        critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, betas=ADAM_BETAS)
+    order = torch.randperm(len(prompt_ids), generator=gen)
+    cursor = 0
+    history = []
+    for step in tqdm(range(cfg.steps), desc=desc, leave=False):
+        if cursor + cfg.rollout_prompts > len(order):
+            order, cursor = torch.randperm(len(prompt_ids), generator=gen), 0
+        index = order[cursor : cursor + cfg.rollout_prompts].repeat_interleave(cfg.n_samples_per_prompt)
+        cursor += cfg.rollout_prompts
+        prompts = prompt_ids[index]
+        responses = models.sample(policy, prompts, gen)
+        mask = models.action_mask(responses)
+        seq, attn = models.sequences_and_mask(prompts, responses)
+        with torch.no_grad():
+            old_logp = models.response_logprobs(policy, prompts, responses)
+            ref_logp = models.response_logprobs(ref, prompts, responses)
+            old_values = critic.action_values(seq, attn, responses.shape[1]) * mask if critic is not None else None
+            rewards = pipeline.rewards(prompts, responses)
+            utility = pipeline.utility(rewards, index.tolist())
+        kl = (old_logp - ref_logp) * mask
+        advantages, returns = advantages_and_returns(utility, kl, mask, old_values, cfg)
+
+        policy.train()
+        if critic is not None:
+            critic.train()
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(len(responses), generator=gen)
+            for i in range(0, len(perm), cfg.train_batch):
+                b = perm[i : i + cfg.train_batch]
+                logp = models.response_logprobs(policy, prompts[b], responses[b])
+                loss = policy_loss(logp, old_logp[b], advantages[b], mask[b], cfg.eps_clip)
+                actor_opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_norm)
+                actor_opt.step()
+                if critic is not None:
+                    values = critic.action_values(seq[b], attn[b], responses.shape[1])
+                    vloss = value_loss(values, old_values[b], returns[b], mask[b], cfg.value_clip)
+                    critic_opt.zero_grad()
+                    vloss.backward()
+                    torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_norm)
+                    critic_opt.step()
+        log = {
+            "step": step,
+            "utility": utility.mean().item(),
+            "kl": kl.sum(1).mean().item(),
+            "length": mask.sum(1).mean().item(),
+            **{f"reward/{n}": rewards[:, k].mean().item() for k, n in enumerate(pipeline.names)},
+        }
+        history.append(log)
+    policy.eval()
+    return PPOResult(policy, history)
