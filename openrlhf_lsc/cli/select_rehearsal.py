@@ -175,7 +175,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
     """Run the selection; returns the report (also written to `report.json`)."""
     a = vars(build_parser().parse_args(argv))
     check_args(a)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # encoders and models load from local files only
     from openrlhf_lsc.integration import rehearsal as io
 
     out = Path(a["output_dir"])
