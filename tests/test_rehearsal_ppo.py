@@ -41,7 +41,9 @@ def _rows(n: int):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="-1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist_env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="-1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    saved = {k: os.environ.get(k) for k in dist_env}
+    os.environ.update(dist_env)
     import cpu_shims
 
     cpu_shims.install()
@@ -111,8 +113,15 @@ def env(tmp_path_factory):
         m.model.step()
 
     strategy.optimizer_step = optimizer_step
-    return NS(root=root, rows=rows, tok=tok, strategy=strategy, model=model, optim=optim, sched=sched, trainer=trainer,
-              stream=stream, grads=grads, rehearsal=rehearsal)
+    yield NS(root=root, rows=rows, tok=tok, strategy=strategy, model=model, optim=optim, sched=sched, trainer=trainer,
+             stream=stream, grads=grads, rehearsal=rehearsal)
+    # Leave no process group or rank variables behind for later tests (Ray workers inherit the environment).
+    torch.distributed.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _trainer(strategy, model, optim, sched, tok):

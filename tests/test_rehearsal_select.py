@@ -3,7 +3,6 @@ the CLI with the real offline MiniLM encoder, a tiny reward model, caching/resum
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
