@@ -162,6 +162,7 @@ def plot(path: Path, scores: np.ndarray, clusters: np.ndarray, where: List[str],
             ax.scatter(clusters[m] + jitter[m], scores[m], s=8, color=color, label=f"{dest} ({m.sum()})")
     for s in stats:
         ax.hlines(s["ppo_cut"], s["cluster"] - 0.4, s["cluster"] + 0.4, color="k", lw=1)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set(xlabel="cluster (black: PPO cut)", ylabel="response score", title="scores per cluster and destination")
     ax.legend(fontsize=8)
     hist.hist(scores, bins=min(50, max(10, len(scores) // 20)), orientation="horizontal", color="tab:gray")
