@@ -59,6 +59,8 @@ def test_flags_reach_args_and_stock_flags_pass_through():
         ([], {}, "no reward"),
         (["--lsc.transform", "lsc", "--lsc.reward_models", "a", "--lsc.reference", "constant", "--lsc.reference_value", "0"],
          {"reward.stop_properly_penalty_coef": 0.5}, "stop_properly_penalty_coef"),
+        (["--lsc.reward_models", "a", "--lsc.rehearsal.dataset", "d.jsonl", "--lsc.rehearsal.coef", "-1"], {},
+         "--lsc.rehearsal.coef must be a finite number >= 0"),
     ],
 )
 def test_bad_flag_combinations_name_the_flag(argv, over, message):

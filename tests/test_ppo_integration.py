@@ -204,7 +204,7 @@ def test_reward_actor_scores_with_k_models(openrlhf_modules):
     """The patched RewardModelActor returns [b, K]: column k equals the stock forward with model k alone."""
     from openrlhf.trainer.ray.launcher import RewardModelActor
 
-    cls = RewardModelActor.__ray_metadata__.modified_class.__ray_actor_class__
+    cls = RewardModelActor.__ray_metadata__.modified_class  # the class Ray instantiates
 
     class Head(torch.nn.Module):
         def __init__(self, scale):

@@ -131,6 +131,10 @@ def resolve(lsc: SimpleNamespace, args) -> SimpleNamespace:
     elif lsc.reference_value is not None:
         raise ValueError("--lsc.reference_value is only used with --lsc.reference constant")
 
+    if lsc.rehearsal.dataset:
+        from openrlhf_lsc.integration.rehearsal import check_config
+
+        check_config(lsc.rehearsal)
     coef = getattr(args.reward, "stop_properly_penalty_coef", None)
     if lsc.transform != "raw" and coef is not None and coef >= 0:
         raise ValueError(

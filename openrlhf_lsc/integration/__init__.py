@@ -62,9 +62,10 @@ def register() -> None:
     if _registered:
         return
     check_openrlhf_version()
-    from openrlhf_lsc.integration import ppo
+    from openrlhf_lsc.integration import ppo, rehearsal
 
     ppo.apply()
+    rehearsal.apply()
     _registered = True
 
 

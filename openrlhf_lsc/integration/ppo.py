@@ -37,8 +37,8 @@ def apply() -> None:
     from openrlhf.trainer.ray.launcher import RewardModelActor
 
     wrap(RemoteExperienceMaker, "compute_advantages_and_returns", ["self", "experiences"], _wrap_advantages)
-    # @ray.remote wraps the class; patch the user class behind it so actor processes run the patch.
-    rm_cls = RewardModelActor.__ray_metadata__.modified_class.__ray_actor_class__
+    # @ray.remote copies each method into the class Ray instantiates (and ships to workers): patch that one.
+    rm_cls = RewardModelActor.__ray_metadata__.modified_class
     wrap(rm_cls, "init_model_from_pretrained", ["self", "strategy", "pretrain"], _wrap_rm_init)
     wrap(
         rm_cls,
