@@ -72,15 +72,13 @@ def test_prompt_files_carry_reference_labels(lab):
 
 
 def test_sft_kl_to_itself_is_zero(lab):
-    out, _ = lab
-    sft = ex.load_policy(os.path.join(out, "models", "sft"))
-    copy = ex.load_policy(os.path.join(out, "models", "sft"))
-    rms = {n: ex.load_rm(os.path.join(out, "models", f"rm_{n}")) for n in ex.PROPERTIES}
-    prompts = world.make_prompts(0)[:8]
-    with np.load(os.path.join(out, "setup", "pools.npz")) as f:
-        thr = {k: v[:8] for k, v in ex.thresholds(dict(f)).items()}
-    ev = ex.evaluate(copy, sft, rms, prompts, 4, thr, seed=0)
+    """The SFT checkpoint judged as a trained policy (the --evaluate path): KL 0, win rates near 1 - quantile."""
+    out, results = lab
+    ev = ex.evaluate_checkpoint(out, os.path.join(out, "models", "sft"))
     assert abs(ev["kl"]) < 1e-5
+    assert os.path.exists(os.path.join(out, "evaluations", "sft.json"))
+    # a fresh sample of the SFT policy beats its own 85th percentile about 15% of the time (coarse: tiny pools, ties)
+    assert 0.0 <= ev["win"]["helpful"] <= 0.45
 
 
 def test_resume_keeps_finished_work(lab):

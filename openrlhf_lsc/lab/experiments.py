@@ -53,7 +53,7 @@ class LabConfig:
 
     mode: str
     seed: int = 0  # world, SFT, reward models, references, pools
-    ppo_seeds: Tuple[int, ...] = (0,)
+    ppo_seeds: Tuple[int, ...] = (0, 1)
     hidden: int = 64
     layers: int = 2
     sft_demos_per_prompt: int = 16
@@ -69,7 +69,7 @@ class LabConfig:
     single_properties: Tuple[str, ...] = ("helpful",)
     single_transforms: Tuple[str, ...] = ("raw", "lsc")
     weights: Tuple[float, ...] = (0.3, 0.5, 0.7)  # weight of helpfulness in the weighted-sum baseline
-    kl_grid: Tuple[float, ...] = (0.003, 0.01, 0.03, 0.1)  # KL coefficient in units of the utility's SFT std
+    kl_grid: Tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)  # KL coefficient in units of the utility's SFT std
     bok_ks: Tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 191)
     ppo: Dict = field(default_factory=dict)  # PPOConfig overrides
     workers: int = 2
@@ -94,6 +94,7 @@ PRESETS = {
     ),
     "smoke": LabConfig(
         mode="smoke",
+        ppo_seeds=(0,),
         hidden=32,
         sft_demos_per_prompt=6,
         sft_epochs=2,
@@ -188,145 +189,138 @@ class Lab:
         timing[stage] = {"wall_seconds": time.time() - wall, "cpu_seconds": time.process_time() - cpu}
         write_json(path, timing)
 
-    # -- stage 1: SFT
-    def sft(self) -> models.LlamaForCausalLM:
-        target = self.path("models", "sft")
-        if not os.path.exists(target):
-            cfg = self.cfg
-            rng = random.Random(cfg.seed)
-            prompts = self.train_prompts + self.eval_prompts
-            write_json(self.path("data", "world.json"), {
-                "train": [world.prompt_record(p) for p in self.train_prompts],
-                "eval": [world.prompt_record(p) for p in self.eval_prompts],
-            })
-            pairs = [(p, world.demonstrate(p, rng)) for p in prompts for _ in range(cfg.sft_demos_per_prompt)]
-            write_jsonl(self.path("data", "sft_demos.jsonl"), [{"input": p.text, "output": " ".join(d)} for p, d in pairs])
-            policy = models.new_policy(cfg.seed, cfg.hidden, cfg.layers)
-            losses = models.train_sft(policy, [p for p, _ in pairs], [d for _, d in pairs],
-                                      epochs=cfg.sft_epochs, lr=3e-3, batch=128, seed=cfg.seed)
-            write_json(self.path("setup", "sft.json"), {"demos": len(pairs), "epoch_losses": losses})
-            save_model_dir(target, policy, self.tokenizer)
-        return load_policy(target)
+    # Stages: (name, the file that marks it done). Each build_<name> writes its outputs atomically.
+    STAGES = (("sft", "models/sft"), ("reward_models", "setup/reward_models.json"),
+              ("references", "setup/references.json"), ("pools", "setup/pools.npz"))
 
-    # -- stage 2: proxy reward models
-    def reward_models(self, sft) -> Dict[str, models.RewardModel]:
-        cfg = self.cfg
-        if not os.path.exists(self.path("setup", "reward_models.json")):  # written after both models
-            gen = torch.Generator().manual_seed(cfg.seed + 1)
-            prompts = [p for p in self.train_prompts for _ in range(2 * cfg.rm_pairs_per_prompt)]
-            prompt_ids = models.encode_prompts([p.text for p in prompts])
-            responses = sample_batched(sft, prompt_ids, gen, desc="RM data: SFT samples")
-            words = models.decode_responses(responses)
-            a, b = torch.arange(0, len(prompts), 2), torch.arange(1, len(prompts), 2)
-            n_train = int(0.9 * len(a))
-            stats = {}
-            for i, name in enumerate(PROPERTIES):
-                target = self.path("models", f"rm_{name}")
-                gold = torch.tensor([world.GOLD[name](p, w) for p, w in zip(prompts, words)])
-                a_wins = models.bradley_terry_labels(gold[a], gold[b], cfg.bt_temperature, gen)
-                chosen = torch.where(a_wins[:, None], responses[a], responses[b])
-                rejected = torch.where(a_wins[:, None], responses[b], responses[a])
-                write_jsonl(self.path("data", f"prefs_{name}.jsonl"), [
-                    {"prompt": prompts[j].text, "chosen": text(c), "rejected": text(r)}
-                    for j, c, r in zip(a.tolist(), models.decode_responses(chosen), models.decode_responses(rejected))
-                ])
-                rm = models.reward_model_from(sft, cfg.seed + 10 + i)
-                tr = slice(0, n_train)
-                losses = models.train_reward_model(rm, prompt_ids[a][tr], chosen[tr], rejected[tr], epochs=cfg.rm_epochs,
-                                                   lr=1e-3, batch=64, seed=cfg.seed, desc=f"RM {name}")
-                ho = slice(n_train, None)
-                ra, rb = models.score(rm, prompt_ids[a][ho], responses[a][ho]), models.score(rm, prompt_ids[b][ho], responses[b][ho])
-                ga, gb = gold[a][ho], gold[b][ho]
-                strict = ga != gb
-                stats[name] = {
-                    "pairs": n_train,
-                    "epoch_losses": losses,
-                    "heldout_pairs": int(strict.sum()),
-                    "heldout_accuracy_vs_gold": ((ra > rb) == (ga > gb))[strict].float().mean().item() if strict.any() else None,
-                    "heldout_accuracy_vs_labels": ((ra > rb) == a_wins[ho]).float().mean().item(),
-                    "shortcut_probe": shortcut_probe(rm, name, self.train_prompts),
-                }
-                save_model_dir(target, rm, self.tokenizer)
-            write_json(self.path("setup", "reward_models.json"), stats)
+    def setup(self) -> None:
+        """Run the setup stages not yet done."""
+        for name, marker in tqdm(self.STAGES, desc="setup"):
+            if not os.path.exists(self.path(marker)):
+                with self.timed(name):
+                    getattr(self, f"build_{name}")()
+
+    def load_sft(self):
+        return load_policy(self.path("models", "sft"))
+
+    def load_rms(self) -> Dict[str, models.RewardModel]:
         return {n: load_rm(self.path("models", f"rm_{n}")) for n in PROPERTIES}
 
-    # -- stage 3: references for every prompt, with the project's estimator
-    def references(self, sft, rms) -> Dict:
-        target = self.path("setup", "references.json")
-        if not os.path.exists(target):
-            cfg = self.cfg
-            prompts = self.train_prompts + self.eval_prompts
-            texts = [p.text for p in prompts]
-            gen = torch.Generator().manual_seed(cfg.seed + 2)
+    def load_references(self) -> Dict:
+        return read_json(self.path("setup", "references.json"))
 
-            def sampler(batch: List[str], k: int) -> List[List[str]]:
-                ids = models.encode_prompts(batch).repeat_interleave(k, 0)
-                out = [text(w) for w in models.decode_responses(sample_batched(sft, ids, gen, desc="references: SFT samples"))]
-                return [out[i * k : (i + 1) * k] for i in range(len(batch))]
-
-            fns = {n: text_reward_fn(rms[n]) for n in PROPERTIES}
-            levels = sorted({SINGLE_Q, *AND_Q.values(), *BOK_Q.values()})
-            sampled, report = estimate_references(texts, sampler, fns, method="quantile", q=SINGLE_Q, k=cfg.ref_k,
-                                                  quantiles=levels, seed=cfg.seed)
-            canned, canned_report = estimate_references(texts, None, {"harmless": fns["harmless"]}, method="canned",
-                                                        canned_responses=CANNED, seed=cfg.seed)
-            labels = {
-                "single": [{"helpful": s["helpful"], "harmless": c["harmless"]} for s, c in zip(sampled, canned)],
-                "and": [{n: at_quantile(s[n], AND_Q[n]) for n in PROPERTIES} for s in sampled],
-                "bok": [{n: at_quantile(s[n], BOK_Q[n]) for n in PROPERTIES} for s in sampled],
-            }
-            n_train = len(self.train_prompts)
-            for split, sl in (("train", slice(0, n_train)), ("eval", slice(n_train, None))):
-                write_jsonl(self.path("data", f"prompts_{split}.jsonl"), [
-                    {"input": p.text, "lsc_ref": a, "lsc_ref_single": s}
-                    for p, a, s in zip(prompts[sl], labels["and"][sl], labels["single"][sl])
-                ])
-            write_json(target, {"labels": labels, "report": report, "canned_report": canned_report, "train_prompts": n_train})
-        return read_json(target)
-
-    # -- stage 4: SFT pools on the eval prompts (win thresholds, best-of-k, frontier)
-    def pools(self, sft, rms) -> Dict:
-        target = self.path("setup", "pools.npz")
-        if not os.path.exists(target):
-            cfg = self.cfg
-            gen = torch.Generator().manual_seed(cfg.seed + 3)
-            out = {}
-            for name, size in (("threshold", cfg.threshold_pool), ("bon", cfg.bon_pool)):
-                prompts = [p for p in self.eval_prompts for _ in range(size)]
-                ids = models.encode_prompts([p.text for p in prompts])
-                responses = sample_batched(sft, ids, gen, desc=f"SFT pool: {name}")
-                words = models.decode_responses(responses)
-                for prop in PROPERTIES:
-                    out[f"{name}_gold_{prop}"] = gold_scores(prop, prompts, words).reshape(-1, size)
-                    if name == "bon":
-                        out[f"{name}_proxy_{prop}"] = score_batched(rms[prop], ids, responses).numpy().reshape(-1, size)
-                out[f"{name}_list"] = np.array([world.has_list(w) for w in words]).reshape(-1, size)
-                out[f"{name}_consult"] = np.array([world.has_consult(w) for w in words]).reshape(-1, size)
-            tmp = f"{target}.tmp{os.getpid()}.npz"
-            np.savez(tmp, **out)
-            os.replace(tmp, target)
-        with np.load(target) as f:
+    def load_pools(self) -> Dict[str, np.ndarray]:
+        with np.load(self.path("setup", "pools.npz")) as f:
             return dict(f)
 
-    def setup(self):
-        """Run (or resume) every setup stage; return what the PPO runs need."""
-        stages = tqdm(total=4, desc="setup", leave=True)
+    def build_sft(self) -> None:
+        """Demonstrations -> SFT policy (models/sft), plus the world's hidden facts and the SFT data files."""
+        cfg, target = self.cfg, self.path("models", "sft")
+        rng = random.Random(cfg.seed)
+        prompts = self.train_prompts + self.eval_prompts
+        write_json(self.path("data", "world.json"), {
+            "train": [world.prompt_record(p) for p in self.train_prompts],
+            "eval": [world.prompt_record(p) for p in self.eval_prompts],
+        })
+        pairs = [(p, world.demonstrate(p, rng)) for p in prompts for _ in range(cfg.sft_demos_per_prompt)]
+        write_jsonl(self.path("data", "sft_demos.jsonl"), [{"input": p.text, "output": " ".join(d)} for p, d in pairs])
+        policy = models.new_policy(cfg.seed, cfg.hidden, cfg.layers)
+        losses = models.train_sft(policy, [p for p, _ in pairs], [d for _, d in pairs],
+                                  epochs=cfg.sft_epochs, lr=3e-3, batch=128, seed=cfg.seed)
+        write_json(self.path("setup", "sft.json"), {"demos": len(pairs), "epoch_losses": losses})
+        save_model_dir(target, policy, self.tokenizer)
 
-        def stage(name: str, marker: str, fn, *args):
-            if os.path.exists(self.path(marker)):
-                result = fn(*args)
-            else:
-                with self.timed(name):
-                    result = fn(*args)
-            stages.update()
-            return result
+    def build_reward_models(self) -> None:
+        """Bradley-Terry proxies on gold-labelled (noisy) pairs of SFT samples; setup/reward_models.json last."""
+        cfg, sft = self.cfg, self.load_sft()
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        prompts = [p for p in self.train_prompts for _ in range(2 * cfg.rm_pairs_per_prompt)]
+        prompt_ids = models.encode_prompts([p.text for p in prompts])
+        responses = sample_batched(sft, prompt_ids, gen, desc="RM data: SFT samples")
+        words = models.decode_responses(responses)
+        a, b = torch.arange(0, len(prompts), 2), torch.arange(1, len(prompts), 2)
+        n_train = int(0.9 * len(a))
+        stats = {}
+        for i, name in enumerate(PROPERTIES):
+            target = self.path("models", f"rm_{name}")
+            gold = torch.tensor([world.GOLD[name](p, w) for p, w in zip(prompts, words)])
+            a_wins = models.bradley_terry_labels(gold[a], gold[b], cfg.bt_temperature, gen)
+            chosen = torch.where(a_wins[:, None], responses[a], responses[b])
+            rejected = torch.where(a_wins[:, None], responses[b], responses[a])
+            write_jsonl(self.path("data", f"prefs_{name}.jsonl"), [
+                {"prompt": prompts[j].text, "chosen": text(c), "rejected": text(r)}
+                for j, c, r in zip(a.tolist(), models.decode_responses(chosen), models.decode_responses(rejected))
+            ])
+            rm = models.reward_model_from(sft, cfg.seed + 10 + i)
+            tr = slice(0, n_train)
+            losses = models.train_reward_model(rm, prompt_ids[a][tr], chosen[tr], rejected[tr], epochs=cfg.rm_epochs,
+                                               lr=1e-3, batch=64, seed=cfg.seed, desc=f"RM {name}")
+            ho = slice(n_train, None)
+            ra, rb = models.score(rm, prompt_ids[a][ho], responses[a][ho]), models.score(rm, prompt_ids[b][ho], responses[b][ho])
+            ga, gb = gold[a][ho], gold[b][ho]
+            strict = ga != gb
+            stats[name] = {
+                "pairs": n_train,
+                "epoch_losses": losses,
+                "heldout_pairs": int(strict.sum()),
+                "heldout_accuracy_vs_gold": ((ra > rb) == (ga > gb))[strict].float().mean().item() if strict.any() else None,
+                "heldout_accuracy_vs_labels": ((ra > rb) == a_wins[ho]).float().mean().item(),
+                "shortcut_probe": shortcut_probe(rm, name, self.train_prompts),
+            }
+            save_model_dir(target, rm, self.tokenizer)
+        write_json(self.path("setup", "reward_models.json"), stats)
 
-        sft = stage("sft", "models/sft", self.sft)
-        rms = stage("reward_models", "setup/reward_models.json", self.reward_models, sft)
-        refs = stage("references", "setup/references.json", self.references, sft, rms)
-        pools = stage("pools", "setup/pools.npz", self.pools, sft, rms)
-        stages.close()
-        return sft, rms, refs, pools
+    def build_references(self) -> None:
+        """References for every prompt with the project's estimator (openrlhf_lsc.estimate); prompt files."""
+        cfg, sft, rms = self.cfg, self.load_sft(), self.load_rms()
+        prompts = self.train_prompts + self.eval_prompts
+        texts = [p.text for p in prompts]
+        gen = torch.Generator().manual_seed(cfg.seed + 2)
+
+        def sampler(batch: List[str], k: int) -> List[List[str]]:
+            ids = models.encode_prompts(batch).repeat_interleave(k, 0)
+            out = [text(w) for w in models.decode_responses(sample_batched(sft, ids, gen, desc="references: SFT samples"))]
+            return [out[i * k : (i + 1) * k] for i in range(len(batch))]
+
+        fns = {n: text_reward_fn(rms[n]) for n in PROPERTIES}
+        levels = sorted({SINGLE_Q, *AND_Q.values(), *BOK_Q.values()})
+        sampled, report = estimate_references(texts, sampler, fns, method="quantile", q=SINGLE_Q, k=cfg.ref_k,
+                                              quantiles=levels, seed=cfg.seed)
+        canned, canned_report = estimate_references(texts, None, {"harmless": fns["harmless"]}, method="canned",
+                                                    canned_responses=CANNED, seed=cfg.seed)
+        labels = {
+            "single": [{"helpful": s["helpful"], "harmless": c["harmless"]} for s, c in zip(sampled, canned)],
+            "and": [{n: at_quantile(s[n], AND_Q[n]) for n in PROPERTIES} for s in sampled],
+            "bok": [{n: at_quantile(s[n], BOK_Q[n]) for n in PROPERTIES} for s in sampled],
+        }
+        n_train = len(self.train_prompts)
+        for split, sl in (("train", slice(0, n_train)), ("eval", slice(n_train, None))):
+            write_jsonl(self.path("data", f"prompts_{split}.jsonl"), [
+                {"input": p.text, "lsc_ref": a, "lsc_ref_single": s}
+                for p, a, s in zip(prompts[sl], labels["and"][sl], labels["single"][sl])
+            ])
+        write_json(self.path("setup", "references.json"),
+                   {"labels": labels, "report": report, "canned_report": canned_report, "train_prompts": n_train})
+
+    def build_pools(self) -> None:
+        """SFT samples on the eval prompts, gold- and proxy-scored: win thresholds, best-of-k, the frontier."""
+        cfg, sft, rms, target = self.cfg, self.load_sft(), self.load_rms(), self.path("setup", "pools.npz")
+        gen = torch.Generator().manual_seed(cfg.seed + 3)
+        out = {}
+        for name, size in (("threshold", cfg.threshold_pool), ("bon", cfg.bon_pool)):
+            prompts = [p for p in self.eval_prompts for _ in range(size)]
+            ids = models.encode_prompts([p.text for p in prompts])
+            responses = sample_batched(sft, ids, gen, desc=f"SFT pool: {name}")
+            words = models.decode_responses(responses)
+            for prop in PROPERTIES:
+                out[f"{name}_gold_{prop}"] = gold_scores(prop, prompts, words).reshape(-1, size)
+                if name == "bon":
+                    out[f"{name}_proxy_{prop}"] = score_batched(rms[prop], ids, responses).numpy().reshape(-1, size)
+            out[f"{name}_list"] = np.array([world.has_list(w) for w in words]).reshape(-1, size)
+            out[f"{name}_consult"] = np.array([world.has_consult(w) for w in words]).reshape(-1, size)
+        tmp = f"{target}.tmp{os.getpid()}.npz"
+        np.savez(tmp, **out)
+        os.replace(tmp, target)
 
     # -- the PPO runs
     def run_specs(self, refs: Dict, pools: Dict) -> List[Dict]:
@@ -493,18 +487,11 @@ def evaluate(policy, sft, rms: Dict, eval_prompts: Sequence[world.Prompt], n: in
 _CACHE: Dict[str, Tuple] = {}
 
 
-def _load(out: str, cfg: LabConfig):
+def _load(out: str, cfg: LabConfig) -> Tuple:
+    """What a PPO run needs, loaded once per process: (lab, sft, reward models, references, thresholds)."""
     if out not in _CACHE:
-        lab = Lab.__new__(Lab)  # no config check: the driver already did it
-        lab.out, lab.cfg = out, cfg
-        prompts = world.make_prompts(cfg.seed)[: cfg.prompts_limit]
-        n_eval = int(round(cfg.eval_fraction * len(prompts)))
-        sft = load_policy(lab.path("models", "sft"))
-        rms = {n: load_rm(lab.path("models", f"rm_{n}")) for n in PROPERTIES}
-        refs = read_json(lab.path("setup", "references.json"))
-        with np.load(lab.path("setup", "pools.npz")) as f:
-            thr = thresholds(dict(f))
-        _CACHE[out] = (prompts[n_eval:], prompts[:n_eval], sft, rms, refs, thr)
+        lab = Lab(out, cfg)
+        _CACHE[out] = (lab, lab.load_sft(), lab.load_rms(), lab.load_references(), thresholds(lab.load_pools()))
     return _CACHE[out]
 
 
@@ -514,14 +501,15 @@ def run_one(out: str, cfg: LabConfig, run: Dict) -> str:
     target = os.path.join(out, "runs", f"{run['id']}.json")
     if os.path.exists(target):
         return target
-    train_prompts, eval_prompts, sft, rms, refs, thr = _load(out, cfg)
+    lab, sft, rms, refs, thr = _load(out, cfg)
     labels = refs["labels"][run["label_set"]][: refs["train_prompts"]]
     pipeline = ppo.RewardPipeline([rms[p] for p in run["properties"]], run["properties"], labels,
                                   run["transform"], run["aggregate"], run["weights"])
     pcfg = ppo.PPOConfig(**{**cfg.ppo, "kl_coef": run["kl_coef"]})
     start, cpu = time.time(), time.process_time()
-    result = ppo.train(sft, models.encode_prompts([p.text for p in train_prompts]), pipeline, pcfg, seed=1000 + run["seed"], desc=run["id"])
-    evaluation = evaluate(result.policy, sft, rms, eval_prompts, cfg.eval_samples, thr, seed=2000 + run["seed"])
+    prompt_ids = models.encode_prompts([p.text for p in lab.train_prompts])
+    result = ppo.train(sft, prompt_ids, pipeline, pcfg, seed=1000 + run["seed"], desc=run["id"])
+    evaluation = evaluate(result.policy, sft, rms, lab.eval_prompts, cfg.eval_samples, thr, seed=2000 + run["seed"])
     write_json(target, {"run": run, "ppo": asdict(pcfg), "history": result.history, "eval": evaluation,
                         "seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu})
     return target
@@ -679,6 +667,21 @@ def analyse(lab: Lab, runs: List[Dict], pools: Dict, refs: Dict) -> Dict:
     }
 
 
+def evaluate_checkpoint(out: str, policy_path: str) -> Dict:
+    """Judge a policy trained elsewhere (e.g. by examples/lab_gpu.sh) exactly as the lab judges its own runs."""
+    if not os.path.exists(os.path.join(out, "setup", "pools.npz")):
+        raise ValueError(f"{out} holds no finished lab setup (setup/pools.npz): run the lab with this --out first")
+    if not os.path.exists(os.path.join(policy_path, "config.json")):
+        raise ValueError(f"--evaluate {policy_path}: expected a Hugging Face model folder with config.json")
+    torch.set_num_threads(1)
+    lab, sft, rms, refs, thr = _load(out, LabConfig(**read_json(os.path.join(out, "config.json"))))
+    policy = models.LlamaForCausalLM.from_pretrained(policy_path, attn_implementation="sdpa").float().eval()
+    ev = evaluate(policy, sft, rms, lab.eval_prompts, lab.cfg.eval_samples, thr, seed=2000)
+    result = {"policy": policy_path, **{k: v for k, v in ev.items() if k != "samples"}}
+    write_json(os.path.join(out, "evaluations", os.path.basename(os.path.normpath(policy_path)) + ".json"), result)
+    return result
+
+
 def run_lab(out: str, cfg: LabConfig) -> Dict:
     """Run (or resume) the whole lab in `out`; write results.json, plots and report.md; return the results."""
     from openrlhf_lsc.lab import report
@@ -686,10 +689,11 @@ def run_lab(out: str, cfg: LabConfig) -> Dict:
     torch.set_num_threads(1)
     start = time.time()
     lab = Lab(out, cfg)
-    sft, rms, refs, pools = lab.setup()
+    lab.setup()
+    refs, pools = lab.load_references(), lab.load_pools()
     runs = run_all(lab, lab.run_specs(refs, pools))
     results = analyse(lab, runs, pools, refs)
     results["wall_seconds_this_invocation"] = time.time() - start
+    results.update(report.write(out, results, {r["run"]["id"]: r for r in runs}, pools))
     write_json(lab.path("results.json"), results)
-    report.write(out, results, {r["run"]["id"]: r for r in runs}, pools)
     return results

@@ -314,9 +314,13 @@ def table_text(summary: List[Dict]) -> str:
     return "\n".join(lines)
 
 
-def write(out: str, results: Dict, records: Dict[str, Dict], pools: Dict) -> None:
-    """Write every plot and report.md into `out`, print the results table."""
-    from openrlhf_lsc.lab.experiments import thresholds, write_json
+def write(out: str, results: Dict, records: Dict[str, Dict], pools: Dict) -> Dict:
+    """Write every plot and report.md into `out` and print the results table.
+
+    Returns:
+        {"summary", "comparisons", "figures"} for results.json.
+    """
+    from openrlhf_lsc.lab.experiments import thresholds
 
     rows = results["rows"]
     thr = thresholds(pools)
@@ -337,10 +341,6 @@ def write(out: str, results: Dict, records: Dict[str, Dict], pools: Dict) -> Non
 
     summary = summary_rows(rows)
     comps = comparisons(rows)
-    results["summary"] = summary
-    results["comparisons"] = comps
-    results["figures"] = figs
-    write_json(os.path.join(out, "results.json"), results)
     table = table_text(summary)
     print("\n" + table + "\n")
     for c in comps:
@@ -351,6 +351,7 @@ def write(out: str, results: Dict, records: Dict[str, Dict], pools: Dict) -> Non
     with open(tmp, "w") as f:
         f.write(md)
     os.replace(tmp, os.path.join(out, "report.md"))
+    return {"summary": summary, "comparisons": comps, "figures": figs}
 
 
 def _comparison_sentence(c: Dict) -> str:
