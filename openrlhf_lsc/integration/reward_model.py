@@ -1,0 +1,260 @@
+"""Advantage Model training and RM evaluation metrics inside OpenRLHF's `train_rm` (0.11.x).
+
+Active only when the args namespace carries `args.am` (attached by `openrlhf_lsc.cli.train_rm`);
+otherwise every patched function runs as stock. With it:
+- `RewardDataset` keeps each row's task (`--am.task_key`; "all" without it): its items carry
+  `(margin, task)` and its collate returns the stock margins list with a `.tasks` attribute;
+- `RewardModelTrainer` wraps its dataloaders so the trainer knows the tasks of the batch it is on,
+  replaces the loss with `AdvantageModelLoss` for `--model.loss_type am`, stops with the batch named
+  when a loss is not finite, adds the AM terms to the training logs, and after each evaluation
+  computes `pairwise_metrics` (accuracy, ECE, per-task mean/std), logs them, writes them to
+  `<ckpt.output_dir>/rm_eval_metrics.json` and puts the per-task statistics into the model config
+  (`lsc_am_task_stats`, saved in config.json with the model).
+"""
+
+import json
+import os
+from collections import Counter
+
+import torch
+
+from openrlhf_lsc.am_loss import ALL, AdvantageModelLoss, pairwise_metrics
+from openrlhf_lsc.integration import wrap
+
+METRICS_FILE = "rm_eval_metrics.json"
+CONFIG_KEY = "lsc_am_task_stats"
+
+
+class TaskList(list):
+    """The list of margins stock `collate_fn` returns, carrying each pair's task in `.tasks`."""
+
+    def __init__(self, margins, tasks):
+        super().__init__(margins)
+        self.tasks = list(tasks)
+
+
+def read_tasks(dataset, task_key) -> list:
+    """Each row's task as a string ("all" for every row when `task_key` is None).
+
+    Raises ValueError naming `--am.task_key` and the row when the field is absent or empty.
+    """
+    if task_key is None:
+        return [ALL] * len(dataset)
+    if task_key not in dataset.column_names:
+        raise ValueError(f"--am.task_key {task_key!r}: the dataset rows have no such field (fields: {dataset.column_names})")
+    tasks = dataset[task_key]
+    for i, task in enumerate(tasks):
+        if task is None or str(task) == "":
+            raise ValueError(f"--am.task_key {task_key!r}: row {i} of the dataset has no task (value {task!r})")
+    return [str(t) for t in tasks]
+
+
+class _TaskFeed:
+    """Yields the stock dataloader's batches, telling the trainer which batch (and tasks) it is on.
+
+    Done at hand-over to the training loop, so it stays right with dataloader workers prefetching.
+    """
+
+    def __init__(self, loader, trainer, name):
+        self.loader, self.trainer, self.name, self.passes = loader, trainer, name, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, attr):  # sampler, dataset, ... of the stock dataloader
+        return getattr(self.loader, attr)
+
+    def __iter__(self):
+        self.passes += 1
+        for i, batch in enumerate(self.loader):
+            self.trainer.lsc_tasks = batch[-1].tasks
+            self.trainer.lsc_where = f"{self.name} pass {self.passes}, micro-batch {i}"
+            yield batch
+
+
+def _check_task_sizes(dataset, which: str, min_pairs: int) -> None:
+    small = {t: n for t, n in Counter(dataset.lsc_tasks).items() if n < min_pairs}
+    if small:
+        raise ValueError(
+            f"{which} set: tasks {small} have fewer than --am.min_task_pairs {min_pairs} pairs, too few for "
+            "per-task statistics; merge them into other tasks or lower --am.min_task_pairs"
+        )
+
+
+def _dataset_init(original):
+    def __init__(self, dataset, tokenizer, max_length, strategy, input_template=None, is_dpo=False, num_processors=8):
+        am = getattr(strategy.args, "am", None)
+        tasks = read_tasks(dataset, am.task_key) if am is not None and not is_dpo else None
+        original(self, dataset, tokenizer, max_length, strategy, input_template, is_dpo, num_processors)
+        if tasks is not None:
+            if len(tasks) != len(self):  # stock drops rows whose prompt is None
+                raise ValueError(
+                    f"{len(tasks) - len(self)} rows have no prompt (--data.prompt_key is null); remove them so "
+                    "each pair keeps its task"
+                )
+            self.lsc_tasks = tasks
+
+    return __init__
+
+
+def _dataset_getitem(original):
+    def __getitem__(self, idx):
+        item = original(self, idx)
+        if getattr(self, "lsc_tasks", None) is None:
+            return item
+        return (*item[:-1], (item[-1], self.lsc_tasks[idx]))
+
+    return __getitem__
+
+
+def _dataset_collate(original):
+    def collate_fn(self, item_list):
+        if getattr(self, "lsc_tasks", None) is None:
+            return original(self, item_list)
+        *batch, margins = original(self, [(*item[:-1], item[-1][0]) for item in item_list])
+        return (*batch, TaskList(margins, [item[-1][1] for item in item_list]))
+
+    return collate_fn
+
+
+def _trainer_init(original):
+    def __init__(
+        self, model, strategy, optim, train_dataloader, eval_dataloader, scheduler, tokenizer,
+        max_norm=0.5, max_epochs=2, loss="sigmoid", disable_ds_ckpt=False, save_hf_ckpt=False,
+    ):
+        original(
+            self, model, strategy, optim, train_dataloader, eval_dataloader, scheduler, tokenizer,
+            max_norm, max_epochs, loss, disable_ds_ckpt, save_hf_ckpt,
+        )
+        am = getattr(strategy.args, "am", None)
+        if am is None:
+            return
+        self.lsc_tasks, self.lsc_where, self.lsc_eval, self.lsc_history = None, None, [], None
+        self.train_dataloader = _TaskFeed(train_dataloader, self, "training epoch")
+        if eval_dataloader is not None:
+            self.eval_dataloader = _TaskFeed(eval_dataloader, self, "evaluation")
+            if am.task_key:
+                _check_task_sizes(eval_dataloader.dataset, "evaluation", am.min_task_pairs)
+        if loss == "am":
+            if am.task_coef:
+                _check_task_sizes(train_dataloader.dataset, "training", am.min_task_pairs)
+            self.lsc_am = AdvantageModelLoss(
+                am.margin, am.expected_coef, am.bound_coef, am.task_coef, am.task_std, am.task_momentum
+            )
+            strategy.print(f"Advantage Model loss (openrlhf_lsc): {vars(am)}")
+            base = self.lsc_am
+        else:
+            self.lsc_am = None
+            base = self.loss_fn
+        self.loss_fn = _checked_loss(self, base, loss)
+
+    return __init__
+
+
+def _checked_loss(trainer, base, name):
+    """The trainer's loss_fn: AM gets the batch's tasks; every loss must be finite; eval scores are kept."""
+
+    def loss_fn(chosen_reward, reject_reward, margin=None):
+        training = torch.is_grad_enabled()  # stock evaluate() runs under no_grad (the DS engine keeps .training)
+        try:
+            if trainer.lsc_am is not None:
+                trainer.lsc_am.train(training)
+                loss = base(chosen_reward, reject_reward, trainer.lsc_tasks, margin)
+            else:
+                loss = base(chosen_reward, reject_reward, margin)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()}")
+        except FloatingPointError as e:
+            raise FloatingPointError(
+                f"{name} reward-model loss failed at {trainer.lsc_where}: {e}"
+                + (f"; AM terms {trainer.lsc_am.terms}" if trainer.lsc_am is not None else "")
+                + ". Lower --adam.lr, or check the data of this batch"
+            ) from None
+        if not training:  # stock evaluate() calls loss_fn on every eval batch: collect its scores here
+            trainer.lsc_eval.append((chosen_reward.detach().float().cpu(), reject_reward.detach().float().cpu(),
+                                     trainer.lsc_tasks))
+        return loss
+
+    return loss_fn
+
+
+def _save_logs(original):
+    def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):
+        if getattr(self, "lsc_am", None) is not None and logs_dict is not None:
+            logs_dict.update({f"am_{k}": v for k, v in self.lsc_am.terms.items()})
+        return original(self, args, global_step, step_bar, logs_dict, client_states)
+
+    return save_logs_and_checkpoints
+
+
+def _gather_eval(trainer):
+    chosen = torch.cat([c.flatten() for c, _, _ in trainer.lsc_eval])
+    rejected = torch.cat([r.flatten() for _, r, _ in trainer.lsc_eval])
+    tasks = [t for _, _, ts in trainer.lsc_eval for t in ts]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, (chosen.tolist(), rejected.tolist(), tasks))
+        chosen = torch.tensor([v for p in parts for v in p[0]])
+        rejected = torch.tensor([v for p in parts for v in p[1]])
+        tasks = [t for p in parts for t in p[2]]
+    return chosen, rejected, tasks
+
+
+def _evaluate(original):
+    def evaluate(self, eval_dataloader, steps=0):
+        if not hasattr(self, "lsc_eval"):
+            return original(self, eval_dataloader, steps)
+        self.lsc_eval = []
+        original(self, eval_dataloader, steps)
+        metrics = {"global_step": steps, **pairwise_metrics(*_gather_eval(self))}
+        self.lsc_eval = []
+        self.strategy._unwrap_model(self.model).config.update({CONFIG_KEY: metrics["per_task"]})
+        if self.strategy.is_rank_0():
+            _publish(self, metrics, steps)
+
+    return evaluate
+
+
+def _publish(trainer, metrics, steps):
+    """Print, log to wandb/tensorboard and write the metrics JSON beside the model (rank 0)."""
+    args = trainer.strategy.args
+    flat = {"rm_accuracy": metrics["accuracy"], "rm_ece": metrics["ece"], "rm_task_mean_spread": metrics["task_mean_spread"]}
+    for task, stats in metrics["per_task"].items():
+        flat[f"rm_task_mean/{task}"], flat[f"rm_task_std/{task}"] = stats["mean"], stats["std"]
+    trainer.strategy.print(f"[openrlhf_lsc] RM eval at step {steps}: {json.dumps(metrics)}")
+    if trainer._wandb is not None:
+        trainer._wandb.log({f"eval/{k}": v for k, v in {**flat, "global_step": steps}.items()})
+    elif trainer._tensorboard is not None:
+        for k, v in flat.items():
+            trainer._tensorboard.add_scalar(f"eval/{k}", v, steps)
+
+    path = os.path.join(args.ckpt.output_dir, METRICS_FILE)
+    if trainer.lsc_history is None:
+        trainer.lsc_history = []
+        # a resumed run keeps the evaluations its interrupted predecessor finished
+        if args.ckpt.load_enable and os.path.exists(path):
+            with open(path) as f:
+                trainer.lsc_history = [e for e in json.load(f)["evals"] if e["global_step"] < steps]
+    trainer.lsc_history.append(metrics)
+    record = {"loss_type": args.model.loss_type, "am": vars(args.am), "evals": trainer.lsc_history}
+    os.makedirs(args.ckpt.output_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def apply() -> None:
+    """Patch OpenRLHF's reward-model dataset and trainer in this process (idempotent, signature-checked)."""
+    from openrlhf.datasets import RewardDataset
+    from openrlhf.trainer.rm_trainer import RewardModelTrainer
+
+    wrap(RewardDataset, "__init__", ["self", "dataset", "tokenizer", "max_length", "strategy", "input_template",
+                                     "is_dpo", "num_processors"], _dataset_init)
+    wrap(RewardDataset, "__getitem__", ["self", "idx"], _dataset_getitem)
+    wrap(RewardDataset, "collate_fn", ["self", "item_list"], _dataset_collate)
+    wrap(RewardModelTrainer, "__init__", ["self", "model", "strategy", "optim", "train_dataloader", "eval_dataloader",
+                                          "scheduler", "tokenizer", "max_norm", "max_epochs", "loss",
+                                          "disable_ds_ckpt", "save_hf_ckpt"], _trainer_init)
+    wrap(RewardModelTrainer, "save_logs_and_checkpoints", ["self", "args", "global_step", "step_bar", "logs_dict",
+                                                           "client_states"], _save_logs)
+    wrap(RewardModelTrainer, "evaluate", ["self", "eval_dataloader", "steps"], _evaluate)

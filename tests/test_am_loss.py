@@ -1,0 +1,232 @@
+"""Advantage Model loss and pairwise RM metrics, checked against numpy and OpenRLHF's own PairWiseLoss."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.special import expit, log_expit
+
+from openrlhf_lsc.am_loss import AdvantageModelLoss, pairwise_metrics
+
+scores = st.lists(st.floats(-8, 8, allow_nan=False), min_size=2, max_size=12)
+
+
+@pytest.fixture(scope="module")
+def stock_pairwise_loss():
+    from openrlhf.models.loss import PairWiseLoss  # ~10 s cold import: once per module
+
+    return PairWiseLoss()
+
+
+def _pairs(values):
+    n = len(values) // 2
+    return torch.tensor(values[:n], dtype=torch.float64), torch.tensor(values[n : 2 * n], dtype=torch.float64)
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=scores, use_margin=st.booleans())
+def test_zero_coefficients_is_the_stock_bt_loss(stock_pairwise_loss, values, use_margin):
+    c, r = _pairs(values)
+    margin = torch.linspace(0, 1, len(c), dtype=torch.float64) if use_margin else None
+    am = AdvantageModelLoss(expected_coef=0, bound_coef=0, task_coef=0)
+    c1, r1 = c.clone().requires_grad_(), r.clone().requires_grad_()
+    c2, r2 = c.clone().requires_grad_(), r.clone().requires_grad_()
+    ours = am(c1, r1, None, margin)
+    stock = stock_pairwise_loss(c2.float(), r2.float(), None if margin is None else margin.float())
+    ours.backward()
+    stock.backward()
+    torch.testing.assert_close(ours.float(), stock)
+    torch.testing.assert_close(c1.grad.float(), c2.grad.float())
+    torch.testing.assert_close(r1.grad.float(), r2.grad.float())
+    mu = 0 if margin is None else margin.numpy()
+    assert ours.item() == pytest.approx(-log_expit(c.numpy() - r.numpy() - mu).mean(), rel=1e-5, abs=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=scores, coef=st.floats(0.1, 5))
+def test_expected_reward_term(values, coef):
+    c, r = _pairs(values)
+    c, r = c.requires_grad_(), r.requires_grad_()
+    am = AdvantageModelLoss(expected_coef=coef, bound_coef=0, task_coef=0)
+    loss = am(c, r)
+    cn, rn = c.detach().numpy(), r.detach().numpy()
+    assert loss.item() == pytest.approx(-log_expit(cn - rn).mean() + coef * (((cn + rn) / 2) ** 2).mean(), rel=1e-5)
+    loss.backward()
+    # d/dc + d/dr sees only the expected-reward term: d/dc = d/dr = coef * (c + r) / (2 B)
+    torch.testing.assert_close((c.grad + r.grad).float(), torch.tensor(coef * (cn + rn) / len(cn)).float())
+
+
+def test_expected_reward_term_moves_only_each_pairs_offset():
+    """Free per-pair offsets b_i (the same for both responses) go to minus the pair mean; gaps never move."""
+    torch.manual_seed(0)
+    base_c, base_r = torch.randn(16) + 1, torch.randn(16)
+    offset = torch.full((16,), 3.0, requires_grad=True)
+    am = AdvantageModelLoss(expected_coef=1.0, bound_coef=0, task_coef=0)
+    opt = torch.optim.SGD([offset], lr=4.0)
+    for _ in range(300):
+        opt.zero_grad()
+        am(base_c + offset, base_r + offset).backward()
+        opt.step()
+    torch.testing.assert_close(offset.detach(), -(base_c + base_r) / 2, atol=1e-4, rtol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=scores, m=st.floats(0.5, 4), coef=st.floats(0.1, 5))
+def test_bound_term(values, m, coef):
+    c, r = _pairs(values)
+    c, r = c.requires_grad_(), r.requires_grad_()
+    am = AdvantageModelLoss(margin=m, expected_coef=0, bound_coef=coef, task_coef=0)
+    loss = am(c, r)
+    a = np.concatenate([c.detach().numpy(), r.detach().numpy()])
+    expected_bound = (np.maximum(np.abs(a) - m, 0) ** 2).mean()
+    rank = -log_expit(a[: len(a) // 2] - a[len(a) // 2 :]).mean()
+    assert loss.item() == pytest.approx(rank + coef * expected_bound, rel=1e-5, abs=1e-6)
+    assert am.terms["bound"] == pytest.approx(expected_bound, rel=1e-5, abs=1e-7)
+    loss.backward()
+    grad = np.concatenate([c.grad.numpy(), r.grad.numpy()])
+    rank_grad = np.concatenate([-expit(-(a[: len(a) // 2] - a[len(a) // 2 :]))] * 2) * np.r_[
+        np.ones(len(a) // 2), -np.ones(len(a) // 2)
+    ] / (len(a) // 2)
+    bound_grad = coef * 2 * np.maximum(np.abs(a) - m, 0) * np.sign(a) / len(a)
+    np.testing.assert_allclose(grad, rank_grad + bound_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_bound_term_is_zero_within_the_margin():
+    c, r = torch.tensor([2.4, -1.0, 0.3]), torch.tensor([-2.5, 2.5, 0.0])
+    am = AdvantageModelLoss(margin=2.5, expected_coef=0, bound_coef=10.0, task_coef=0)
+    bt = AdvantageModelLoss(expected_coef=0, bound_coef=0, task_coef=0)
+    assert am(c, r).item() == bt(c, r).item()
+    assert am.terms["bound"] == 0.0
+
+
+def test_gradcheck_all_terms():
+    torch.manual_seed(1)
+    c = (torch.randn(6, dtype=torch.float64) * 3).requires_grad_()
+    r = (torch.randn(6, dtype=torch.float64) * 3).requires_grad_()
+    tasks = ["code", "qa", "code", "qa", "qa", "math"]
+    # momentum 1: the running statistics are this batch's, so the loss is an ordinary function of the scores
+    am = AdvantageModelLoss(margin=1.5, expected_coef=0.7, bound_coef=1.3, task_coef=0.9, task_momentum=1.0)
+    assert torch.autograd.gradcheck(lambda c, r: am(c, r, tasks), (c, r))
+
+
+def test_task_term_uses_running_statistics_with_batch_gradient():
+    """Value from exponential moving averages of mean and mean square; gradient centred on the batch."""
+    beta, tau, coef = 0.25, 0.8, 2.0
+    am = AdvantageModelLoss(expected_coef=0, bound_coef=0, task_coef=coef, task_std=tau, task_momentum=beta)
+    first = np.array([0.5, -0.1, 2.0]), np.array([0.2, -0.4, 1.0])
+    am(torch.tensor(first[0]), torch.tensor(first[1]), ["t"] * 3)
+    c = torch.tensor([1.0, 3.0], dtype=torch.float64, requires_grad=True)
+    r = torch.tensor([-0.5, 0.5], dtype=torch.float64, requires_grad=True)
+    loss = am(c, r, ["t", "t"])
+    loss.backward()
+
+    a1, a2 = np.concatenate(first), np.array([1.0, 3.0, -0.5, 0.5])
+    run_mean = (1 - beta) * a1.mean() + beta * a2.mean()
+    run_sq = (1 - beta) * (a1**2).mean() + beta * (a2**2).mean()
+    run_var = run_sq - run_mean**2
+    penalty = run_mean**2 / 2 + (run_var - tau**2) ** 2 / 2
+    rank = -log_expit(a2[:2] - a2[2:]).mean()
+    assert loss.item() == pytest.approx(rank + coef * penalty, rel=1e-6)
+    assert am.running["t"] == pytest.approx([run_mean, run_sq])
+    grad_task = coef * (run_mean / 4 + (run_var - tau**2) * 2 * (a2 - a2.mean()) / 4)
+    grad_rank = -expit(-(a2[:2] - a2[2:])) / 2
+    np.testing.assert_allclose(c.grad.numpy(), grad_task[:2] + grad_rank, rtol=1e-6)
+    np.testing.assert_allclose(r.grad.numpy(), grad_task[2:] - grad_rank, rtol=1e-6)
+
+
+def test_task_statistics_update_only_in_training_mode():
+    am = AdvantageModelLoss(task_momentum=0.5)
+    am(torch.tensor([1.0]), torch.tensor([0.0]), ["a"])
+    before = dict(am.running)
+    am.eval()
+    am(torch.tensor([5.0]), torch.tensor([4.0]), ["a"])
+    am(torch.tensor([5.0]), torch.tensor([4.0]), ["b"])  # unseen task: this batch's statistics, not stored
+    assert am.running == before
+
+
+def test_task_term_pulls_task_means_together():
+    """Free per-task offsets (shifting chosen and rejected alike, so ranking is blind to them) go to 0."""
+    torch.manual_seed(0)
+    tasks = ["code"] * 8 + ["qa"] * 8
+    gaps = torch.rand(16) + 0.5
+    offsets = torch.tensor([3.0, -2.0], requires_grad=True)
+    am = AdvantageModelLoss(expected_coef=0, bound_coef=0, task_coef=1.0, task_momentum=0.5)
+    opt = torch.optim.SGD([offsets], lr=0.5)
+    which = torch.tensor([0] * 8 + [1] * 8)
+    for _ in range(200):
+        opt.zero_grad()
+        shift = offsets[which]
+        am(gaps / 2 + shift, -gaps / 2 + shift, tasks).backward()
+        opt.step()
+    assert offsets.detach().abs().max().item() < 0.02
+
+
+@pytest.mark.parametrize(
+    "call, error",
+    [
+        (lambda am: am(torch.tensor([float("nan")]), torch.tensor([0.0]), ["a"]), FloatingPointError),
+        (lambda am: am(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0]), None), ValueError),
+        (lambda am: am(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0]), ["a"]), ValueError),
+        (lambda am: am(torch.tensor([1.0, 2.0]), torch.tensor([0.0]), ["a", "b"]), ValueError),
+    ],
+)
+def test_bad_input(call, error):
+    with pytest.raises(error):
+        call(AdvantageModelLoss())
+
+
+@pytest.mark.parametrize("kwargs", [{"margin": 0}, {"task_std": -1}, {"bound_coef": -0.1}, {"task_momentum": 0}])
+def test_bad_settings(kwargs):
+    with pytest.raises(ValueError):
+        AdvantageModelLoss(**kwargs)
+
+
+def _numpy_ece(c, r, n_bins=10):
+    p = expit(c - r)
+    conf = np.maximum(p, 1 - p)
+    correct = (c > r).astype(float)
+    edges = np.linspace(0.5, 1.0, n_bins + 1)
+    count, _ = np.histogram(conf, edges)
+    conf_sum, _ = np.histogram(conf, edges, weights=conf)
+    correct_sum, _ = np.histogram(conf, edges, weights=correct)
+    used = count > 0
+    return np.sum(np.abs(correct_sum[used] - conf_sum[used])) / len(c)
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=st.lists(st.floats(-6, 6, allow_nan=False), min_size=4, max_size=60), seed=st.integers(0, 3))
+def test_metrics_against_numpy(values, seed):
+    c, r = _pairs(values)
+    rng = np.random.default_rng(seed)
+    tasks = [str(t) for t in rng.integers(0, 3, len(c))]
+    m = pairwise_metrics(c, r, tasks)
+    cn, rn = c.numpy(), r.numpy()
+    assert m["n_pairs"] == len(cn)
+    assert m["accuracy"] == pytest.approx((cn > rn).mean())
+    assert m["ece"] == pytest.approx(_numpy_ece(cn, rn), abs=1e-12)
+    for task in set(tasks):
+        idx = [i for i, t in enumerate(tasks) if t == task]
+        both = np.concatenate([cn[idx], rn[idx]])
+        assert m["per_task"][task] == pytest.approx({"n_pairs": len(idx), "mean": both.mean(), "std": both.std()})
+    means = [s["mean"] for s in m["per_task"].values()]
+    assert m["task_mean_spread"] == pytest.approx(max(means) - min(means))
+
+
+def test_ece_is_small_when_calibrated_and_large_when_overconfident():
+    rng = np.random.default_rng(0)
+    s1, s2 = rng.normal(0, 1.5, 40000), rng.normal(0, 1.5, 40000)
+    first_wins = rng.random(40000) < expit(s1 - s2)  # labels drawn from the model's own probabilities
+    c, r = np.where(first_wins, s1, s2), np.where(first_wins, s2, s1)
+    calibrated = pairwise_metrics(torch.tensor(c), torch.tensor(r))
+    overconfident = pairwise_metrics(torch.tensor(4 * c), torch.tensor(4 * r))
+    assert calibrated["ece"] < 0.01
+    assert overconfident["ece"] > 0.1
+    assert calibrated["accuracy"] == overconfident["accuracy"]
+    assert list(calibrated["per_task"]) == ["all"]
+
+
+def test_ece_of_a_constant_confidence_is_its_gap_to_accuracy():
+    c = torch.tensor([1.0] * 10)
+    r = torch.tensor([0.0] * 7 + [2.0] * 3)  # 70 % right, every pair at confidence sigmoid(1)
+    assert pairwise_metrics(c, r)["ece"] == pytest.approx(abs(0.7 - expit(1.0)))
