@@ -1,5 +1,5 @@
 """Test-only stand-in for vLLM: the names OpenRLHF imports, no engine. Tests that need generation
-use the HF-transformers rollout actor in tests/cpu_harness.py."""
+use the HF-transformers rollout actor in tests/cpu_harness/fake_vllm.py."""
 
 from dataclasses import dataclass
 from typing import Optional
