@@ -81,14 +81,17 @@ class AdvantageModelLoss(torch.nn.Module):
         tasks: Optional[Sequence[str]] = None,
         margin: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Args:
+        """Compute the loss of one batch of pairs.
+
+        Args:
             chosen: [B] scores a(x, y_chosen).
             rejected: [B] scores a(x, y_rejected).
             tasks: B task names; needed when task_coef > 0.
             margin: optional [B] per-pair margins mu_i of the ranking term (stock --model.margin_loss_enable).
 
         Returns:
-            The scalar loss (float32, or float64 for float64 scores). Running task statistics update only in training mode.
+            The scalar loss (float32; float64 for float64 scores). Running task statistics update only
+            in training mode.
         """
         dtype = torch.promote_types(chosen.dtype, torch.float32)  # bf16 scores: loss in fp32
         c, r = chosen.to(dtype).flatten(), rejected.to(dtype).flatten()

@@ -276,6 +276,8 @@ def test_trainer_uses_am_loss_with_batch_tasks(patched):
     assert bt_trainer.loss_fn(c, r, None).item() == pytest.approx(PairWiseLoss()(c, r).item())
     stock = _trainer("sigmoid", None)
     assert isinstance(stock.loss_fn, PairWiseLoss) and isinstance(stock.train_dataloader, _Loader)
+    with pytest.raises(ValueError, match="--model.loss_type am needs the plugin CLI"):
+        _trainer("am", None)
 
 
 def test_trainer_names_the_batch_of_a_nan_loss(patched):
@@ -287,8 +289,8 @@ def test_trainer_names_the_batch_of_a_nan_loss(patched):
         trainer.loss_fn(torch.tensor([float("nan"), 0, 0, 0]), torch.zeros(4), None)
     bt = _trainer("sigmoid", _am_args())
     next(iter(bt.train_dataloader))
-    with pytest.raises(FloatingPointError, match="sigmoid reward-model loss failed at training epoch pass 1, micro-batch 0"):
-        bt.loss_fn(torch.tensor([float("inf"), 0, 0, 0]), torch.tensor([float("inf"), 0, 0, 0]), None)
+    with pytest.raises(FloatingPointError, match="sigmoid .* at training epoch pass 1, micro-batch 0: loss is nan"):
+        bt.loss_fn(torch.full((4,), float("inf")), torch.full((4,), float("inf")), None)
 
 
 def test_trainer_rejects_tasks_with_too_few_pairs(patched):
@@ -342,3 +344,25 @@ def test_cli_rejects_bad_flags(argv, loss, message):
 
     with pytest.raises(ValueError, match=message):
         resolve(_parse(*argv)[0], _stock_args(loss))
+
+
+def test_metrics_file_keeps_finished_evals_on_resume(patched, tmp_path):
+    def trainer(load_enable):
+        args = SimpleNamespace(ckpt=SimpleNamespace(output_dir=str(tmp_path), load_enable=load_enable),
+                               model=SimpleNamespace(loss_type="am"), am=_am_args())
+        strategy = SimpleNamespace(args=args, print=lambda *a: None)
+        return SimpleNamespace(strategy=strategy, _wandb=None, _tensorboard=None, lsc_history=None)
+
+    def metrics(step):
+        return {"global_step": step, **pairwise_metrics(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))}
+
+    first = trainer(False)
+    for step in (10, 20, 30):
+        patched._publish(first, metrics(step), step)
+    resumed = trainer(True)  # restarted from the step-20 checkpoint: step 30 is evaluated again
+    patched._publish(resumed, metrics(30), 30)
+    record = json.loads((tmp_path / patched.METRICS_FILE).read_text())
+    assert [e["global_step"] for e in record["evals"]] == [10, 20, 30]
+    fresh = trainer(False)  # a new run into the same folder starts a new history
+    patched._publish(fresh, metrics(5), 5)
+    assert [e["global_step"] for e in json.loads((tmp_path / patched.METRICS_FILE).read_text())["evals"]] == [5]

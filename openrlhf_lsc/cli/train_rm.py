@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--am.min_task_pairs", type=int, default=10,
                    help="fewest pairs a task may have in the training (am) or evaluation set")
     for name, (kind, default, text) in AM_FLAGS.items():
-        g.add_argument(f"--am.{name}", type=kind, default=None, help=f"{text} (--model.loss_type am; default {default})")
+        g.add_argument(f"--am.{name}", type=kind, default=None,
+                       help=f"{text} (--model.loss_type am; default {default})")
     return p
 
 

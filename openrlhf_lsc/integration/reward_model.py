@@ -41,7 +41,9 @@ def read_tasks(dataset, task_key) -> list:
     if task_key is None:
         return [ALL] * len(dataset)
     if task_key not in dataset.column_names:
-        raise ValueError(f"--am.task_key {task_key!r}: the dataset rows have no such field (fields: {dataset.column_names})")
+        raise ValueError(
+            f"--am.task_key {task_key!r}: the dataset rows have no such field (fields: {dataset.column_names})"
+        )
     tasks = dataset[task_key]
     for i, task in enumerate(tasks):
         if task is None or str(task) == "":
@@ -128,6 +130,10 @@ def _trainer_init(original):
         )
         am = getattr(strategy.args, "am", None)
         if am is None:
+            if loss == "am":  # stock would quietly train LogExp
+                raise ValueError(
+                    "--model.loss_type am needs the plugin CLI: deepspeed --module openrlhf_lsc.cli.train_rm"
+                )
             return
         self.lsc_tasks, self.lsc_where, self.lsc_eval, self.lsc_history = None, None, [], None
         self.train_dataloader = _TaskFeed(train_dataloader, self, "training epoch")
@@ -218,7 +224,8 @@ def _evaluate(original):
 def _publish(trainer, metrics, steps):
     """Print, log to wandb/tensorboard and write the metrics JSON beside the model (rank 0)."""
     args = trainer.strategy.args
-    flat = {"rm_accuracy": metrics["accuracy"], "rm_ece": metrics["ece"], "rm_task_mean_spread": metrics["task_mean_spread"]}
+    flat = {"rm_accuracy": metrics["accuracy"], "rm_ece": metrics["ece"],
+            "rm_task_mean_spread": metrics["task_mean_spread"]}
     for task, stats in metrics["per_task"].items():
         flat[f"rm_task_mean/{task}"], flat[f"rm_task_std/{task}"] = stats["mean"], stats["std"]
     trainer.strategy.print(f"[openrlhf_lsc] RM eval at step {steps}: {json.dumps(metrics)}")
