@@ -58,7 +58,9 @@ def per_rm(value: Any, names: Sequence[str], flag: str) -> Dict[str, Any]:
         if len(value) == 1:
             value = value[0]
         elif len(value) != len(names):
-            raise ValueError(f"{flag} has {len(value)} values for {len(names)} reward models {list(names)}: give one or one each")
+            raise ValueError(
+                f"{flag} has {len(value)} values for {len(names)} reward models {list(names)}: give one or one each"
+            )
         else:
             return dict(zip(names, value))
     return {n: value for n in names}
@@ -85,14 +87,17 @@ def check_settings(
     if sampling and (isinstance(k, bool) or not isinstance(k, int) or k < 2):
         raise ValueError(f"--ref.k must be an integer >= 2 (a quantile or std needs two scores per prompt), got {k!r}")
     levels = set()
-    for q, what in [(qs[n], f"--ref.q for reward model {n!r}") for n in sampling] + [(q, "--ref.quantiles") for q in quantiles]:
+    checks = [(qs[n], f"--ref.q for reward model {n!r}") for n in sampling]
+    for q, what in checks + [(q, "--ref.quantiles") for q in quantiles]:
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q < 1.0:
             raise ValueError(f"{what} must be a number strictly between 0 and 1, got {q!r}")
         levels.add(float(q))
     return sorted(levels)
 
 
-def sampled_mask(num_prompts: int, methods: Mapping[str, str], num_learned_prompts: Optional[int], seed: int) -> List[bool]:
+def sampled_mask(
+    num_prompts: int, methods: Mapping[str, str], num_learned_prompts: Optional[int], seed: int
+) -> List[bool]:
     """Which prompts get k samples.
 
     Every prompt when some reward model uses `quantile`/`gaussian`; a seeded random subset of
@@ -182,7 +187,8 @@ def score_prompts(
     if todo:
         responses = sampler([prompts[i] for i in todo], k)
         if len(responses) != len(todo) or any(len(r) != k for r in responses):
-            raise ValueError(f"sampler returned {[len(r) for r in responses]} responses for {len(todo)} prompts, expected {k} each")
+            got = [len(r) for r in responses]
+            raise ValueError(f"sampler returned {got} responses for {len(todo)} prompts, expected {k} each")
         flat_prompts = [prompts[i] for i in todo for _ in range(k)]
         flat_responses = [r for rs in responses for r in rs]
         for name in sample_rms:
@@ -195,12 +201,14 @@ def score_prompts(
             raise ValueError("method 'canned' needs at least one canned response (--ref.canned)")
         m = len(canned_responses)
         flat_prompts = [prompts[i] for i in live for _ in range(m)]
+        flat_responses = list(canned_responses) * len(live)
         for name in canned_rms:
-            scores = _scores(reward_fns[name], flat_prompts, list(canned_responses) * len(live), name).view(len(live), m)
+            scores = _scores(reward_fns[name], flat_prompts, flat_responses, name).view(len(live), m)
             for i, row in zip(live, scores):
                 # All variants or none: a mean over a prompt-dependent subset would not be comparable across prompts.
-                ok = bool(torch.isfinite(row).all())
-                records[i][name] = {"canned_scores": row.tolist()} if ok else {"error": f"{int((~torch.isfinite(row)).sum())} of {m} canned responses got no finite score"}
+                bad = int((~torch.isfinite(row)).sum())
+                error = {"error": f"{bad} of {m} canned responses got no finite score"}
+                records[i][name] = error if bad else {"canned_scores": row.tolist()}
 
     for i, record in enumerate(records):
         for name in reward_fns:
@@ -208,10 +216,6 @@ def score_prompts(
                 record[name] = {"error": "empty prompt"}
             record.setdefault(name, {"k": 0})
     return records
-
-
-def _standardize(X: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (X - mean) / scale
 
 
 def ridge(X: torch.Tensor, y: torch.Tensor, alphas: Sequence[float]) -> Tuple[torch.Tensor, float, float]:
@@ -252,7 +256,7 @@ class GaussianPredictor:
         X = torch.as_tensor(X, dtype=torch.float64)
         self.x_mean, scale = X.mean(0), X.std(0)
         self.x_scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant features stay 0
-        Z = _standardize(X, self.x_mean, self.x_scale)
+        Z = (X - self.x_mean) / self.x_scale
         # Penalties relative to n: with standardised features the Gram matrix grows like n.
         alphas = [X.shape[0] * 10.0**e for e in range(-5, 4)]
         self.mean_w, self.mean_b, self.alpha_mean = ridge(Z, torch.as_tensor(mean, dtype=torch.float64), alphas)
@@ -263,7 +267,7 @@ class GaussianPredictor:
 
     def predict(self, X: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return predicted (mean `[P]`, std `[P]`) for `[P, d]` features."""
-        Z = _standardize(torch.as_tensor(X, dtype=torch.float64), self.x_mean, self.x_scale)
+        Z = (torch.as_tensor(X, dtype=torch.float64) - self.x_mean) / self.x_scale
         return Z @ self.mean_w + self.mean_b, (Z @ self.std_w + self.std_b).exp()
 
 
@@ -304,7 +308,8 @@ def _fit_learned(entries: List[Dict[str, Any]], name: str, q: float, features: A
     )
     mu, sigma = model.predict(X)
     ref = gaussian_reference(mu, sigma, q)
-    info = {"train_prompts": len(train), "holdout_prompts": len(hold), "alpha_mean": model.alpha_mean, "alpha_std": model.alpha_std}
+    info = {"train_prompts": len(train), "holdout_prompts": len(hold),
+            "alpha_mean": model.alpha_mean, "alpha_std": model.alpha_std}
     if hold:
         empirical = torch.tensor([entries[i]["quantiles"][str(q)] for i in hold], dtype=torch.float64)
         info["holdout_mae"] = (ref[hold] - empirical).abs().mean().item()
@@ -356,14 +361,15 @@ def finish(
             elif method == "quantile":
                 label["reference"] = e["quantiles"][str(q)]
             elif method == "gaussian":
-                label["reference"] = gaussian_reference(torch.tensor(e["mean"], dtype=torch.float64), torch.tensor(e["std"], dtype=torch.float64), q).item()
+                label["reference"] = gaussian_reference(e["mean"], e["std"], q).item()
             elif method == "canned":
                 label["canned_scores"] = e["canned_scores"]
                 label["reference"] = sum(e["canned_scores"]) / len(e["canned_scores"])
             else:
                 label.update(reference=learned_ref[i], predicted_mean=mu[i], predicted_std=sigma[i])
             labels[i][name] = label
-        refs = torch.tensor([lab[name]["reference"] for lab in labels if lab[name]["reference"] is not None], dtype=torch.float64)
+        refs = [lab[name]["reference"] for lab in labels if lab[name]["reference"] is not None]
+        refs = torch.tensor(refs, dtype=torch.float64)
         summary.update(prompts=len(records), with_reference=len(refs), errors=len(records) - len(refs),
                        coverage=len(refs) / max(len(records), 1))
         if len(refs):

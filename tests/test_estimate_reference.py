@@ -2,7 +2,6 @@
 the CLI end to end (output read back through OpenRLHF's PromptDataset), and resume after kill -9."""
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -157,7 +156,8 @@ def test_ridge_penalty_is_the_leave_one_out_minimiser():
 
     def fit(Xt, yt, a):  # plain ridge, unpenalised intercept, via the normal equations
         xm, ym = Xt.mean(0), yt.mean()
-        wt = torch.linalg.solve((Xt - xm).T @ (Xt - xm) + a * torch.eye(6, dtype=torch.float64), (Xt - xm).T @ (yt - ym))
+        Xc = Xt - xm
+        wt = torch.linalg.solve(Xc.T @ Xc + a * torch.eye(6, dtype=torch.float64), Xc.T @ (yt - ym))
         return wt, ym - xm @ wt
 
     def loo(a):
@@ -282,7 +282,9 @@ def test_local_rm_batches_like_a_plain_forward(models, io):
     prompts = ["what is two plus three?", "question 5: what is one?", "good", "bad answer"] * 2
     responses = ["four</s>", "one plus one is two", "the", "why how what is ten plus nine minus six</s>"] * 2
     scores = rm(prompts, responses)
-    plain = get_llm_for_sequence_regression(str(models / "rm_a"), "reward", param_dtype="bf16", attn_implementation="eager").eval()
+    plain = get_llm_for_sequence_regression(
+        str(models / "rm_a"), "reward", param_dtype="bf16", attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         for p, r, s in zip(prompts, responses, scores):
             ids = rm.tokenizer(p + r, add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -405,7 +407,8 @@ def test_cli_end_to_end(cli_setup, e2e, models):
     from openrlhf.datasets.utils import blending_datasets
 
     data_args = SimpleNamespace(input_key="input", label_key=key, apply_chat_template=False, image_key="images")
-    strategy = SimpleNamespace(args=SimpleNamespace(data=data_args, use_ms=False), is_rank_0=lambda: False, print=lambda *a: None)
+    args = SimpleNamespace(data=data_args, use_ms=False)
+    strategy = SimpleNamespace(args=args, is_rank_0=lambda: False, print=lambda *a: None)
     dataset = PromptDataset(blending_datasets(str(out / "references.jsonl"), None, strategy), None, strategy)
     names = ["A", "judge", "B", "harmless"]
     refs = references_from_labels(dataset.labels, names, key)
@@ -432,6 +435,8 @@ def test_cli_rerun_keeps_shards_and_guards_settings(cli_setup, e2e):
         run_cli(cli_setup.argv + ["--output.dir", str(out), "--ref.k", "3"])
     with pytest.raises(SystemExit, match="--rm.names has 4 names for 2 --rm.paths"):
         run_cli(cli_setup.argv + ["--rm.paths", "a/rm,b/rm", "--output.dir", str(out)])
+    with pytest.raises(SystemExit, match="already have a field 'uid'.*--data.label_key"):
+        run_cli(cli_setup.argv + ["--output.dir", str(out), "--data.label_key", "uid"])
     argv = list(cli_setup.argv)
     del argv[argv.index("--rm.names") : argv.index("--rm.names") + 2]
     with pytest.raises(SystemExit, match=r"names \['rm'\] are not unique: set --rm.names"):

@@ -44,7 +44,7 @@ def _list(flag: str, kind=str):
         try:
             return [kind(v.strip()) for v in text.split(",") if v.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated {kind.__name__} values, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated {kind.__name__} values, got {text!r}")
 
     return parse
 
@@ -135,7 +135,10 @@ def _prepare_dir(out: Path, settings: Dict[str, Any], overwrite: bool) -> None:
         diff.update({k: (v, None) for k, v in old.items() if k not in settings})
         if diff:
             changes = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise ValueError(f"{out} holds a run with other settings ({changes}): pass --overwrite to start over or use another --output.dir")
+            raise ValueError(
+                f"{out} holds a run with other settings ({changes}): "
+                "pass --overwrite to start over or use another --output.dir"
+            )
     elif shards.exists() and any(shards.iterdir()):
         raise ValueError(f"{shards} has shards but no run.json: pass --overwrite to start over")
     shards.mkdir(parents=True, exist_ok=True)
@@ -185,7 +188,9 @@ def _sampler(args, tokenizer) -> estimate.Sampler:
     dtype = torch.bfloat16 if args.ds.param_dtype == "bf16" else torch.float16
     model = AutoModelForCausalLM.from_pretrained(args.actor.model_name_or_path, dtype=dtype, trust_remote_code=True)
     model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    return estimate_io.HFSampler(model, tokenizer, r.max_new_tokens, r.temperature, r.top_p, args.data.max_len, r.batch_size)
+    return estimate_io.HFSampler(
+        model, tokenizer, r.max_new_tokens, r.temperature, r.top_p, args.data.max_len, r.batch_size
+    )
 
 
 def _histogram(path: Path, values: List[float], title: str) -> None:
@@ -225,7 +230,9 @@ def run(args) -> Dict[str, Any]:
     if not prompts:
         raise ValueError(f"--data.prompt_dataset {args.data.prompt_dataset} has no rows")
     if args.data.label_key in rows.column_names:
-        raise ValueError(f"the prompt rows already have a field {args.data.label_key!r}: choose another --data.label_key")
+        raise ValueError(
+            f"the prompt rows already have a field {args.data.label_key!r}: choose another --data.label_key"
+        )
     canned = _canned(args.ref.canned, tokenizer.eos_token) if "canned" in methods.values() else []
     sampled = estimate.sampled_mask(len(prompts), methods, args.learned.num_prompts, args.seed)
 
@@ -277,7 +284,8 @@ def run(args) -> Dict[str, Any]:
         refs = [lab[name]["reference"] for lab in labels if lab[name]["reference"] is not None]
         png = out / f"hist-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
         r = report["rms"][name]
-        _histogram(png, refs, f"{name}: {r['method']}" + (f" q={r['q']}" if r["q"] is not None else "") + f", {len(refs)}/{len(labels)} prompts")
+        q = "" if r["q"] is None else f" q={r['q']}"
+        _histogram(png, refs, f"{name}: {r['method']}{q}, {len(refs)}/{len(labels)} prompts")
         r["histogram"] = png.name
     report.update(output=str(out / "references.jsonl"), rows_written=len(good), rows_with_errors=len(bad))
     write_atomic(out / "report.json", [json.dumps(report, indent=1)])
@@ -322,7 +330,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         if r["errors"]:
             line += f"  ({r['errors']} errors, see errors.jsonl)"
         if "learned" in r and r["learned"].get("holdout_mae") is not None:
-            line += f"  learned holdout MAE {r['learned']['holdout_mae']:.4f} Spearman {r['learned']['holdout_spearman']}"
+            learned = r["learned"]
+            line += f"  learned holdout MAE {learned['holdout_mae']:.4f} Spearman {learned['holdout_spearman']}"
         print(line)
     print(f"wrote {report['output']} ({report['rows_written']} rows, {report['rows_with_errors']} in errors.jsonl)")
     return report

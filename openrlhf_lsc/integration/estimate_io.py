@@ -61,7 +61,8 @@ def load_prompts(
             if id_key not in row:
                 raise ValueError(f"{dataset} row {i} has no field {id_key!r} (--data.id_key)")
             if row[id_key] in seen:
-                raise ValueError(f"duplicate prompt id {row[id_key]!r} (--data.id_key {id_key}) in rows {seen[row[id_key]]} and {i}")
+                where = f"rows {seen[row[id_key]]} and {i}"
+                raise ValueError(f"duplicate prompt id {row[id_key]!r} (--data.id_key {id_key}) in {where}")
             seen[row[id_key]] = i
         raw = row[input_key]
         empty = not raw or (isinstance(raw, str) and not raw.strip())
@@ -102,7 +103,9 @@ class HFSampler:
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.max_prompt = None if max_len is None else max_len - max_new_tokens
         if self.max_prompt is not None and self.max_prompt < 1:
-            raise ValueError(f"--data.max_len {max_len} leaves no room for a prompt with --rollout.max_new_tokens {max_new_tokens}")
+            raise ValueError(
+                f"--data.max_len {max_len} leaves no room for a prompt with --rollout.max_new_tokens {max_new_tokens}"
+            )
         self.batch_size = batch_size
         self.eos = _eos_ids(model, tokenizer)
 
@@ -181,7 +184,12 @@ class VLLMSampler:
             gpu_memory_utilization=gpu_memory_utilization,
         )
         self.params = SamplingParams(
-            temperature=temperature, top_p=top_p, top_k=-1, max_tokens=max_new_tokens, min_tokens=1, skip_special_tokens=False
+            temperature=temperature,
+            top_p=top_p,
+            top_k=-1,
+            max_tokens=max_new_tokens,
+            min_tokens=1,
+            skip_special_tokens=False,
         )
         self.tokenizer = tokenizer
         self.tokenizer_ref = ray.put(tokenizer)  # shipped once, not with every request
@@ -277,7 +285,8 @@ class RayRewardModel:
         import ray
 
         chunk = math.ceil(len(prompts) / len(self.actors)) or 1
-        refs = [a.score.remote(prompts[b : b + chunk], responses[b : b + chunk]) for a, b in zip(self.actors, range(0, len(prompts), chunk))]
+        starts = range(0, len(prompts), chunk)
+        refs = [a.score.remote(prompts[b : b + chunk], responses[b : b + chunk]) for a, b in zip(self.actors, starts)]
         return [s for part in ray.get(refs) for s in part]
 
 
@@ -297,7 +306,7 @@ class HttpRewardModel:
                     return json.loads(response.read())
             except urllib.error.HTTPError as e:
                 if e.code < 500:  # the request itself is wrong: retrying will not help
-                    raise RuntimeError(f"reward server {self.url} rejected the request: HTTP {e.code} {e.reason}") from None
+                    raise RuntimeError(f"reward server {self.url} rejected the request: HTTP {e.code} {e.reason}")
                 error = e
             except (urllib.error.URLError, OSError) as e:
                 error = e
@@ -311,7 +320,9 @@ class HttpRewardModel:
             result = self._post({"query": [x + y for x, y in zip(p, r)], "prompts": p, "labels": [""] * len(p)})
             rewards = result.get("rewards") if isinstance(result, dict) else None
             if not isinstance(rewards, list) or len(rewards) != len(p):
-                raise ValueError(f"reward server {self.url} must answer {{'rewards': [{len(p)} numbers]}}, got {str(result)[:200]}")
+                raise ValueError(
+                    f"reward server {self.url} must answer {{'rewards': [{len(p)} numbers]}}, got {str(result)[:200]}"
+                )
             scores += rewards
         return scores
 
