@@ -7,6 +7,7 @@ compiling C++ ops that a single CPU process does not need:
 Needs RANK=0 WORLD_SIZE=1 LOCAL_RANK=-1 MASTER_ADDR/MASTER_PORT in the environment.
 """
 
+import importlib
 import runpy
 import sys
 
@@ -19,10 +20,10 @@ def install() -> None:
     cpu_shims.install()
     if torch.cuda.is_available():
         return
-    import deepspeed.comm.torch
     import openrlhf.utils.deepspeed.deepspeed as ds
 
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    # by module path: the attribute deepspeed.comm.torch is the torch package itself
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     stock = ds.get_train_ds_config
 
     def get_train_ds_config(*args, **kwargs):
