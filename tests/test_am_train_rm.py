@@ -123,6 +123,7 @@ def _metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "rm_eval_metrics.json").read_text())
 
 
+@pytest.mark.e2e
 def test_am_balances_tasks_without_losing_accuracy(runs):
     bt, am = _metrics(runs / "bt")["evals"][-1], _metrics(runs / "am")["evals"][-1]
 
@@ -139,6 +140,7 @@ def test_am_balances_tasks_without_losing_accuracy(runs):
     assert am["accuracy"] >= bt["accuracy"] - ACCURACY_TOLERANCE
 
 
+@pytest.mark.e2e
 def test_metrics_file_and_config(runs):
     for name, loss in (("bt", "sigmoid"), ("am", "am")):
         record = _metrics(runs / name)
@@ -149,6 +151,7 @@ def test_metrics_file_and_config(runs):
         assert set(config["lsc_am_task_stats"]) == {"code", "qa"}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["am", "bt"])
 def test_saved_model_loads_as_a_stock_reward_model(runs, name):
     """OpenRLHF's reward-model loader scores the eval pairs as the training run's evaluation did."""
