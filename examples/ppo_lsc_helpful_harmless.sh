@@ -2,15 +2,15 @@
 # PPO with helpfulness AND harmlessness (paper 1, section 4): two local reward models scored in OpenRLHF's
 # reward actors, each LSC-transformed against its own reference, summed (log P(good on both)).
 # References from the estimator: helpfulness at q = 0.75, harmlessness at the median (the paper's RLHF setting):
-#    python -m openrlhf_lsc.cli.estimate_reference --data.prompt_dataset $PROMPTS --policy $SFT \
-#        --rm.paths $RM_HELPFUL,$RM_HARMLESS --rm.names helpful,harmless --method quantile --k 64 --q 0.75,0.5 \
-#        --output_dir $REFS
+#    python -m openrlhf_lsc.cli.estimate_reference --data.prompt_dataset $RAW_PROMPTS --data.apply_chat_template \
+#        --actor.model_name_or_path $SFT --rm.paths $RM_HELPFUL,$RM_HARMLESS --rm.names helpful,harmless \
+#        --ref.method quantile --ref.k 64 --ref.q 0.75,0.5 --vllm.num_engines 8 --rm.num_actors 8 --output.dir /data/refs
 # Baseline for comparison: the same launch with --lsc.transform raw --lsc.aggregate weighted --lsc.weights 0.5,0.5
 set -euo pipefail
 SFT=${SFT:-OpenRLHF/Llama-3-8b-sft-mixture}
 RM_HELPFUL=${RM_HELPFUL:-/ckpt/rm_helpful}
 RM_HARMLESS=${RM_HARMLESS:-/ckpt/rm_harmless}
-PROMPTS=${PROMPTS:-/data/refs/prompts_with_refs.jsonl}
+PROMPTS=${PROMPTS:-/data/refs/references.jsonl}
 
 python -m openrlhf_lsc.cli.train_ppo_ray \
    --ref.num_nodes 1 --ref.num_gpus_per_node 2 \

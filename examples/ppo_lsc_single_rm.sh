@@ -3,13 +3,15 @@
 # (paper 1, section 5). Stock OpenRLHF 0.11.x launch on one 8-GPU node; only the module and --lsc.* differ.
 #
 # 1. References (once): k = 64 SFT samples per prompt, 0.85-quantile, written to the label field lsc_ref:
-#    python -m openrlhf_lsc.cli.estimate_reference --data.prompt_dataset $PROMPTS --policy $SFT \
-#        --rm.paths $RM_HELPFUL --rm.names helpful --method quantile --k 64 --q 0.85 --output_dir $REFS
+#    python -m openrlhf_lsc.cli.estimate_reference --data.prompt_dataset $RAW_PROMPTS --data.apply_chat_template \
+#        --actor.model_name_or_path $SFT --rm.paths $RM_HELPFUL --rm.names helpful \
+#        --ref.method quantile --ref.k 64 --ref.q 0.85 --vllm.num_engines 8 --rm.num_actors 8 --output.dir /data/refs
+#    (writes /data/refs/references.jsonl with the label field lsc_ref)
 # 2. PPO:
 set -euo pipefail
 SFT=${SFT:-OpenRLHF/Llama-3-8b-sft-mixture}
 RM_HELPFUL=${RM_HELPFUL:-/ckpt/rm_helpful}
-PROMPTS=${PROMPTS:-/data/refs/prompts_with_refs.jsonl}   # output of step 1
+PROMPTS=${PROMPTS:-/data/refs/references.jsonl}   # output of step 1
 
 python -m openrlhf_lsc.cli.train_ppo_ray \
    --ref.num_nodes 1 --ref.num_gpus_per_node 2 \

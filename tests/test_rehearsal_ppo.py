@@ -47,6 +47,7 @@ def env(tmp_path_factory):
     import cpu_shims
 
     cpu_shims.install()
+    cpu_shims.skip_deepspeed_op_builds()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("rehearsal_ppo")

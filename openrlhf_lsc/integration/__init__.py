@@ -62,10 +62,11 @@ def register() -> None:
     if _registered:
         return
     check_openrlhf_version()
-    from openrlhf_lsc.integration import ppo, rehearsal
+    from openrlhf_lsc.integration import ppo, rehearsal, reward_model
 
     ppo.apply()
     rehearsal.apply()
+    reward_model.apply()
     _registered = True
 
 

@@ -76,6 +76,7 @@ def install() -> None:
         return
     _installed = True
     cpu_shims.install()
+    cpu_shims.skip_deepspeed_op_builds()
 
     from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
     from openrlhf.trainer.ppo_utils.replay_buffer import NaiveReplayBuffer
