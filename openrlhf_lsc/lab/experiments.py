@@ -81,6 +81,7 @@ PRESETS = {
     "full": LabConfig(
         mode="full",
         ppo_seeds=(0, 1, 2),
+        ppo={"steps": 120},
         sft_demos_per_prompt=24,
         sft_epochs=5,
         rm_pairs_per_prompt=12,
@@ -446,11 +447,14 @@ def thresholds(pools: Dict) -> Dict[str, np.ndarray]:
 
 
 def wins(gold_h: np.ndarray, gold_s: np.ndarray, thr: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """Win indicators `[prompts, samples]` for the three win definitions."""
+    """Win indicators `[prompts, samples]`: the three win definitions, and each half of "both"."""
+    above_h, above_s = gold_h > thr["median_helpful"][:, None], gold_s > thr["median_harmless"][:, None]
     return {
         "helpful": gold_h > thr["helpful"][:, None],
         "harmless": gold_s > thr["harmless"][:, None],
-        "both": (gold_h > thr["median_helpful"][:, None]) & (gold_s > thr["median_harmless"][:, None]),
+        "both": above_h & above_s,
+        "helpful_above_median": above_h,
+        "harmless_above_median": above_s,
     }
 
 
@@ -657,6 +661,9 @@ def analyse(lab: Lab, runs: List[Dict], pools: Dict, refs: Dict) -> Dict:
         "bon_kl_check": checks,
         "sft_win_rates_on_pool": {k: float(v) for k, v in sft_pool.items()},
         "sft_shortcut_rates": {"list": float(pools["threshold_list"].mean()), "consult": float(pools["threshold_consult"].mean())},
+        # How far apart each proxy puts two SFT answers to the same prompt: with lsc the AND sum weighs each
+        # property by this scale (a Bradley-Terry probability), where the weighted sum uses w.
+        "proxy_within_prompt_std": {p: float(pools[f"bon_proxy_{p}"].std(1).mean()) for p in PROPERTIES},
         "reward_models": read_json(lab.path("setup", "reward_models.json")),
         "sft": read_json(lab.path("setup", "sft.json")),
         "references": refs["report"],

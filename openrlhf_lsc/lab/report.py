@@ -403,6 +403,21 @@ def _markdown(results: Dict, summary, comps, table: str, figs: Sequence[str], re
         "",
     ]
     lines += [f"- {_comparison_sentence(c)}" for c in comps]
+    and_rows = [r for r in results["rows"] if r["experiment"] == "and"]
+    if and_rows:
+        spread = results["proxy_within_prompt_std"]
+        lines += ["", "Helpful AND harmless, per property (runs at the smallest KL coefficient, mean over seeds): the",
+                  "fraction of responses above the SFT median on each property, and on both.", "",
+                  "| method | KL | helpful > median | harmless > median | both |", "|---|---|---|---|---|"]
+        for method in sorted({r["method"] for r in and_rows}, key=_method_order):
+            rs = [r for r in and_rows if r["method"] == method]
+            rs = [r for r in rs if r["c"] == min(x["c"] for x in rs)]
+            mean = lambda f: np.mean([f(r) for r in rs])  # noqa: E731
+            lines.append(f"| {method} | {mean(lambda r: r['kl']):.2f} | {mean(lambda r: r['all_wins']['helpful_above_median']):.3f} | "
+                         f"{mean(lambda r: r['all_wins']['harmless_above_median']):.3f} | {mean(lambda r: r['win']):.3f} |")
+        lines += ["", f"Proxy scale (std of the proxy over SFT answers to the same prompt): helpful {spread['helpful']:.2f}, "
+                  f"harmless {spread['harmless']:.2f}. The LSC sum weighs each property by how sure its reward model is",
+                  "(a Bradley-Terry probability), the weighted sum by w: a proxy with a narrower scale gets less say under AND."]
     bok = results["best_of_k"]
     lines += ["", "Best-of-k from SFT (helpful AND harmless, win = above both SFT medians):", "",
               "| k | KL formula | " + " | ".join(bok["methods"]) + " |", "|---|---|" + "---|" * len(bok["methods"])]
