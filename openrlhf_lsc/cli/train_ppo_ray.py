@@ -7,7 +7,6 @@ the parsed flags ride on OpenRLHF's own args namespace as `args.lsc`, which reac
 
 import argparse
 import os
-import runpy
 import sys
 from types import SimpleNamespace
 from typing import List, Optional
@@ -159,24 +158,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     flat, rest = parser.parse_known_args(argv)
     lsc = _namespace(flat)
 
-    from openrlhf_lsc.integration import register
-    import openrlhf.utils.config as config
+    from openrlhf_lsc.integration import register, run_stock_cli
 
     register()
-    stock_hierarchize = config.hierarchize
 
-    def hierarchize(args):
-        args = stock_hierarchize(args)
+    def on_args(args):
         args.lsc = resolve(lsc, args)
         _init_ray()  # after stock parsing, so --help and flag errors exit before Ray starts
-        return args
 
-    config.hierarchize = hierarchize  # stock main imports it right after parse_args
-    sys.argv = ["openrlhf.cli.train_ppo_ray"] + rest
-    try:
-        runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
-    finally:
-        config.hierarchize = stock_hierarchize
+    run_stock_cli("openrlhf.cli.train_ppo_ray", rest, on_args)
 
 
 def _init_ray() -> None:

@@ -11,7 +11,6 @@ saved config.json holds the last per-task statistics under `lsc_am_task_stats`.
 """
 
 import argparse
-import runpy
 import sys
 from types import SimpleNamespace
 from typing import List, Optional
@@ -94,25 +93,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         print("\n--- stock openrlhf.cli.train_rm flags ---")
     flat, rest = parser.parse_known_args(argv)
 
-    import openrlhf.utils.config as config
-
-    from openrlhf_lsc.integration import check_openrlhf_version, reward_model
+    from openrlhf_lsc.integration import check_openrlhf_version, reward_model, run_stock_cli
 
     check_openrlhf_version()
     reward_model.apply()
-    stock_hierarchize = config.hierarchize
 
-    def hierarchize(args):
-        args = stock_hierarchize(args)
+    def on_args(args):
         args.am = resolve(flat, args)
-        return args
 
-    config.hierarchize = hierarchize  # stock __main__ imports it right after parse_args
-    sys.argv = ["openrlhf.cli.train_rm"] + rest
-    try:
-        runpy.run_module("openrlhf.cli.train_rm", run_name="__main__", alter_sys=True)
-    finally:
-        config.hierarchize = stock_hierarchize
+    run_stock_cli("openrlhf.cli.train_rm", rest, on_args)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ a stock launch in a process where the plugin is registered runs exactly as stock
 import functools
 import inspect
 import os
+import runpy
+import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from packaging.version import Version
@@ -54,6 +56,30 @@ def wrap(owner, name: str, expected_params, make_wrapper):
     wrapper = functools.wraps(original)(make_wrapper(original))
     wrapper.__lsc_original__ = original
     setattr(owner, name, wrapper)
+
+
+def run_stock_cli(module: str, argv: list, on_args) -> None:
+    """Run the stock OpenRLHF CLI `module` (e.g. "openrlhf.cli.train_rm") as __main__ with `argv`.
+
+    `on_args(args)` gets OpenRLHF's parsed args namespace right after stock parsing (stock `__main__` calls
+    `openrlhf.utils.config.hierarchize` right after `parse_args`): the plugin attaches and checks its flags
+    there, before any work starts.
+    """
+    import openrlhf.utils.config as config
+
+    stock = config.hierarchize
+
+    def hierarchize(args):
+        args = stock(args)
+        on_args(args)
+        return args
+
+    config.hierarchize = hierarchize
+    sys.argv = [module] + list(argv)
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    finally:
+        config.hierarchize = stock
 
 
 def register() -> None:
