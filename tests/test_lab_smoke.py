@@ -144,3 +144,16 @@ def test_gold_judges_follow_the_world_rules():
         d = world.demonstrate(q, rng)
         assert len(d) < world.MAX_NEW_TOKENS and all(w in world.token_index() for w in d)
     assert models.encode_responses([["salt"] * 40]).shape == (1, world.MAX_NEW_TOKENS)
+
+
+def test_gold_scores_do_not_depend_on_string_hashing():
+    """Gold sums run over word sets: their order must not change a float (ties decide wins)."""
+    import subprocess
+    import sys
+
+    code = ("import random; from openrlhf_lsc.lab import world; rng = random.Random(1); "
+            "ps = world.make_prompts(0)[:40]; ds = [world.demonstrate(p, rng) for p in ps for _ in range(5)]; "
+            "print(repr([(world.gold_helpful(p, d), world.gold_harmless(p, d)) for p, d in zip([p for p in ps for _ in range(5)], ds)]))")
+    outs = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+                           capture_output=True, text=True, check=True).stdout for seed in ("1", "2", "3")}
+    assert len(outs) == 1

@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import transformers
 from tqdm.auto import tqdm
 
 from openrlhf_lsc.estimate import estimate_references
@@ -389,9 +390,10 @@ def text_reward_fn(rm: models.RewardModel) -> Callable[[List[str], List[str]], L
     return fn
 
 
-def sample_batched(policy, prompt_ids: torch.Tensor, gen: torch.Generator, batch: int = 2048, desc: str = "sampling") -> torch.Tensor:
+def sample_batched(policy, prompt_ids: torch.Tensor, gen: torch.Generator, batch: int = 2048, desc: str = "sampling",
+                   progress: bool = True) -> torch.Tensor:
     out = []
-    for i in tqdm(range(0, len(prompt_ids), batch), desc=desc, leave=False):
+    for i in tqdm(range(0, len(prompt_ids), batch), desc=desc, leave=False, disable=not progress):
         out.append(models.sample(policy, prompt_ids[i : i + batch], gen))
     return torch.cat(out)
 
@@ -459,12 +461,13 @@ def wins(gold_h: np.ndarray, gold_s: np.ndarray, thr: Dict[str, np.ndarray]) -> 
 
 
 @torch.no_grad()
-def evaluate(policy, sft, rms: Dict, eval_prompts: Sequence[world.Prompt], n: int, thr: Dict, seed: int) -> Dict:
+def evaluate(policy, sft, rms: Dict, eval_prompts: Sequence[world.Prompt], n: int, thr: Dict, seed: int,
+             progress: bool = True) -> Dict:
     """Sample `n` responses per eval prompt; KL to SFT, gold wins, proxy and gold scores, shortcut rates."""
     gen = torch.Generator().manual_seed(seed)
     prompts = [p for p in eval_prompts for _ in range(n)]
     ids = models.encode_prompts([p.text for p in prompts])
-    responses = sample_batched(policy, ids, gen, desc="eval")
+    responses = sample_batched(policy, ids, gen, desc="eval", progress=progress)
     mask = models.action_mask(responses)
     kl = ((models.response_logprobs(policy, ids, responses) - models.response_logprobs(sft, ids, responses)) * mask).sum(1)
     words = models.decode_responses(responses)
@@ -499,9 +502,11 @@ def _load(out: str, cfg: LabConfig) -> Tuple:
     return _CACHE[out]
 
 
-def run_one(out: str, cfg: LabConfig, run: Dict) -> str:
+def run_one(out: str, cfg: LabConfig, run: Dict, progress: bool = True) -> str:
     """Train and evaluate one PPO run; write `runs/<id>.json`. Returns its path."""
     torch.set_num_threads(1)  # tiny models: one thread per run is as fast, and runs go side by side
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of from_pretrained
     target = os.path.join(out, "runs", f"{run['id']}.json")
     if os.path.exists(target):
         return target
@@ -512,15 +517,12 @@ def run_one(out: str, cfg: LabConfig, run: Dict) -> str:
     pcfg = ppo.PPOConfig(**{**cfg.ppo, "kl_coef": run["kl_coef"]})
     start, cpu = time.time(), time.process_time()
     prompt_ids = models.encode_prompts([p.text for p in lab.train_prompts])
-    result = ppo.train(sft, prompt_ids, pipeline, pcfg, seed=1000 + run["seed"], desc=run["id"])
-    evaluation = evaluate(result.policy, sft, rms, lab.eval_prompts, cfg.eval_samples, thr, seed=2000 + run["seed"])
+    result = ppo.train(sft, prompt_ids, pipeline, pcfg, seed=1000 + run["seed"], desc=run["id"], progress=progress)
+    evaluation = evaluate(result.policy, sft, rms, lab.eval_prompts, cfg.eval_samples, thr, seed=2000 + run["seed"],
+                          progress=progress)
     write_json(target, {"run": run, "ppo": asdict(pcfg), "history": result.history, "eval": evaluation,
                         "seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu})
     return target
-
-
-def _quiet_worker() -> None:
-    os.environ["TQDM_DISABLE"] = "1"
 
 
 def run_all(lab: Lab, runs: List[Dict]) -> List[Dict]:
@@ -533,9 +535,9 @@ def run_all(lab: Lab, runs: List[Dict]) -> List[Dict]:
             bar.update()
     elif todo:
         ctx = multiprocessing.get_context("spawn")
-        # Workers stay quiet (TQDM_DISABLE): their bars would interleave; this process shows runs done.
-        with cf.ProcessPoolExecutor(lab.cfg.workers, mp_context=ctx, initializer=_quiet_worker) as pool:
-            futures = [pool.submit(run_one, lab.out, lab.cfg, r) for r in todo]
+        # Workers stay quiet (their bars would interleave); this process counts the runs done.
+        with cf.ProcessPoolExecutor(lab.cfg.workers, mp_context=ctx) as pool:
+            futures = [pool.submit(run_one, lab.out, lab.cfg, r, False) for r in todo]
             for f in cf.as_completed(futures):
                 f.result()
                 bar.update()

@@ -171,6 +171,7 @@ def train(
     cfg: PPOConfig,
     seed: int,
     desc: str = "PPO",
+    progress: bool = True,
 ) -> PPOResult:
     """Run PPO from the SFT policy on the training prompts `prompt_ids` `[P, prompt_len]`.
 
@@ -188,7 +189,7 @@ def train(
     order = torch.randperm(len(prompt_ids), generator=gen)
     cursor = 0
     history = []
-    for step in tqdm(range(cfg.steps), desc=desc, leave=False):
+    for step in tqdm(range(cfg.steps), desc=desc, leave=False, disable=not progress):
         if cursor + cfg.rollout_prompts > len(order):
             order, cursor = torch.randperm(len(prompt_ids), generator=gen), 0
         index = order[cursor : cursor + cfg.rollout_prompts].repeat_interleave(cfg.n_samples_per_prompt)

@@ -100,7 +100,7 @@ def _count(words: Sequence[str], vocab) -> int:
 
 def gold_helpful(p: Prompt, words: Sequence[str]) -> float:
     """Gold helpfulness of a response (list of words, no special tokens) to prompt `p`."""
-    distinct = set(words)
+    distinct = sorted(set(words))  # sorted: float sums must not depend on the process's string hashing
     topic_words = TOPICS[p.topic]["words"]
     relevance = sum(p.keys.get(w, 0.2) for w in distinct if w in topic_words)
     if p.sensitive:
@@ -114,7 +114,7 @@ def gold_helpful(p: Prompt, words: Sequence[str]) -> float:
 
 def gold_harmless(p: Prompt, words: Sequence[str]) -> float:
     """Gold harmlessness of a response to prompt `p`."""
-    distinct = set(words)
+    distinct = sorted(set(words))
     risky = _count(distinct, RISKY)
     consulted = any(a == "consult" and b in PROFESSIONALS for a, b in zip(words, list(words)[2:]))
     if p.sensitive:
