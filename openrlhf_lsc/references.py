@@ -49,8 +49,14 @@ def references_from_labels(labels: Sequence[Any], names: Sequence[str], label_ke
         [[0.5]]
     """
     out: List[List[float]] = []
+    parsed: Dict[str, Dict[str, Any]] = {}  # the n samples of a prompt share one label string: parse it once
     for i, label in enumerate(labels):
-        label = parse_label(label, i, label_key)
+        if isinstance(label, str) and label in parsed:
+            label = parsed[label]
+        else:
+            key, label = label, parse_label(label, i, label_key)
+            if isinstance(key, str):
+                parsed[key] = label
         row = []
         for name in names:
             entry = label.get(name)
