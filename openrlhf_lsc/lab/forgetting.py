@@ -1,0 +1,261 @@
+"""Forgetting with and without Selective Rehearsal (Peng et al. 2023) in the CPU lab.
+
+`python -m openrlhf_lsc.lab.forgetting --out DIR [--smoke]` builds the lab's SFT policy and proxy reward
+models (the lab's own stages, in `DIR/lab`), then runs PPO on gold-free proxy helpfulness in arms:
+- `stock`: all training prompts, no rehearsal;
+- `select`: prompt selection alone (`openrlhf_lsc.rehearsal.select`: per k-means cluster of bag-of-words
+  prompt features, the prompts whose expert answer the proxy already scores low);
+- `rehearse g=<gamma>`: selection plus gamma * NLL of the rehearsal set D_R (per cluster the top-k expert
+  pairs) added to the PPO actor loss in the same backward.
+Over training it tracks gold helpfulness/harmlessness of samples on a fixed subset of training prompts and
+the NLL of a held-out expert set: fresh demonstrations (`world.demonstrate`, a seed the SFT data did not use)
+on the lab's eval prompts, which neither SFT nor PPO trains on.
+
+`ppo.train` has no extra-loss or per-step hook, and the lab's files are not ours to edit: while an arm runs,
+`ppo.policy_loss` is wrapped to add the rehearsal term, and `ppo.models` is a proxy whose `sample` records
+the metrics before each rollout (the proxy sees the policy being trained there).
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from openrlhf_lsc.lab import models, ppo, world
+from openrlhf_lsc.lab.experiments import PRESETS, Lab, gold_scores, read_json, write_json
+from openrlhf_lsc.rehearsal import cluster_prompts, select, token_nll
+
+MODES = {
+    # lab preset, PPO overrides, gammas, seeds, clusters, rehearsal k, tracking cadence, tracked prompts x samples
+    "default": dict(lab="quick", ppo={"steps": 60}, gammas=(0.01, 1.0), seeds=(0,), n_clusters=8, rehearsal_k=4,
+                    ppo_fraction=0.5, track_every=6, track_prompts=96, track_samples=2),
+    "smoke": dict(lab="smoke", ppo={"steps": 3, "rollout_prompts": 8, "train_batch": 8}, gammas=(0.0, 1.0),
+                  seeds=(0,), n_clusters=4, rehearsal_k=2, ppo_fraction=0.5, track_every=1, track_prompts=16,
+                  track_samples=1),
+}
+
+
+def loss_mask(prompt_ids: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+    """`token_nll`'s mask for prompt+response sequences: column t scores token t+1, so the response tokens."""
+    mask = torch.zeros(len(responses), prompt_ids.shape[1] + responses.shape[1])
+    mask[:, prompt_ids.shape[1] - 1 : -1] = models.action_mask(responses)
+    return mask
+
+
+def expert_nll(policy, prompt_ids: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+    """Mean per-token NLL of expert responses under `policy` (`rehearsal.token_nll`, with grad if enabled)."""
+    seq = torch.cat([prompt_ids, responses], 1)
+    return token_nll(policy(seq).logits, seq, loss_mask(prompt_ids, responses))
+
+
+def bag_of_words(prompts: List[world.Prompt]) -> np.ndarray:
+    """One-hot features of each prompt's words (verb, noun, modifier): the offline stand-in for a sentence encoder."""
+    ids = models.encode_prompts([p.text for p in prompts])
+    x = np.zeros((len(prompts), len(world.vocabulary())))
+    np.put_along_axis(x, ids.numpy(), 1.0, axis=1)
+    return x
+
+
+class _Tracker:
+    """Stands in for `ppo.models` during an arm: `sample` records metrics before each rollout, all else delegates."""
+
+    def __init__(self, probe, every: int, steps: int):
+        self.probe, self.every, self.steps, self.calls, self.policy, self.curve = probe, every, steps, 0, None, []
+
+    def __getattr__(self, name):
+        return getattr(models, name)
+
+    def sample(self, policy, prompt_ids, generator, *args, **kwargs):
+        self.policy = policy
+        if self.calls % self.every == 0:
+            self.curve.append({"step": self.calls, **self.probe(policy)})
+        self.calls += 1
+        return models.sample(policy, prompt_ids, generator, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def hooked_ppo(tracker: _Tracker, rehearsal: Optional[tuple], gamma: float):
+    """Patch `ppo` for one arm: metrics via `tracker`, and gamma * NLL(D_R) added to every actor loss."""
+    original = ppo.policy_loss
+
+    def policy_loss(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        if rehearsal is not None:
+            loss = loss + gamma * expert_nll(tracker.policy, *rehearsal)  # same backward as the PPO loss
+        return loss
+
+    saved = ppo.models, ppo.policy_loss
+    ppo.models, ppo.policy_loss = tracker, policy_loss
+    try:
+        yield
+    finally:
+        ppo.models, ppo.policy_loss = saved
+
+
+def run(out: str, mode: str = "default") -> Dict:
+    """Run (or resume) the experiment in `out`; write forgetting.json/.md/.png. Returns the results."""
+    torch.set_num_threads(1)
+    start, m = time.time(), MODES[mode]
+    cfg = dataclasses.replace(PRESETS[m["lab"]], workers=1)
+    config = {"mode": mode, **m, "lab_config": dataclasses.asdict(cfg)}
+    saved_path = os.path.join(out, "config.json")
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(saved_path) and read_json(saved_path) != read_json_roundtrip(config):
+        raise ValueError(f"{out} holds a forgetting run with another configuration ({saved_path}); use another --out")
+    write_json(saved_path, config)
+
+    lab = Lab(os.path.join(out, "lab"), cfg)
+    for name, marker in lab.STAGES[:2]:  # SFT and reward models only
+        if not os.path.exists(lab.path(marker)):
+            with lab.timed(name):
+                getattr(lab, f"build_{name}")()
+    sft, rm = lab.load_sft(), lab.load_rms()["helpful"]
+
+    # Expert answers (fresh draws from the lab's demonstrator): one per training prompt, for selection and
+    # D_R; two per eval prompt, the held-out set.
+    rng = random.Random(cfg.seed + 77)
+    train, held = lab.train_prompts, [p for p in lab.eval_prompts for _ in range(2)]
+    train_ids, held_ids = (models.encode_prompts([p.text for p in ps]) for ps in (train, held))
+    train_demo = models.encode_responses([world.demonstrate(p, rng) for p in train])
+    held_demo = models.encode_responses([world.demonstrate(p, rng) for p in held])
+    expert_score = models.score(rm, train_ids, train_demo).numpy()
+    clusters = cluster_prompts(bag_of_words(train), m["n_clusters"], seed=cfg.seed)
+    sel = select(expert_score, clusters, m["rehearsal_k"], ppo_fraction=m["ppo_fraction"])
+    d_r = (train_ids[sel.rehearsal], train_demo[sel.rehearsal])
+
+    probe_prompts = train[: m["track_prompts"]]
+    probe_list = [p for p in probe_prompts for _ in range(m["track_samples"])]
+    probe_ids = models.encode_prompts([p.text for p in probe_list])
+
+    @torch.no_grad()
+    def probe(policy) -> Dict[str, float]:
+        responses = models.sample(policy, probe_ids, torch.Generator().manual_seed(4242))
+        words = models.decode_responses(responses)
+        return {"gold_helpful": float(gold_scores("helpful", probe_list, words).mean()),
+                "gold_harmless": float(gold_scores("harmless", probe_list, words).mean()),
+                "proxy_helpful": float(models.score(rm, probe_ids, responses).mean()),
+                "heldout_nll": float(expert_nll(policy.eval(), held_ids, held_demo)),
+                "rehearsal_nll": float(expert_nll(policy, *d_r))}
+
+    arms = [("stock", None, 0.0), ("select", sel.ppo, 0.0)] + [(f"rehearse g={g:g}", sel.ppo, g) for g in m["gammas"]]
+    pcfg = ppo.PPOConfig(**{**cfg.ppo, **m["ppo"]})
+    pipeline = ppo.RewardPipeline([rm], ["helpful"], [{}] * len(train), "raw")
+    records = []
+    for (name, rows, gamma), seed in tqdm([(a, s) for a in arms for s in m["seeds"]], desc="forgetting arms"):
+        path = os.path.join(out, "runs", f"{name.replace(' ', '_').replace('=', '')}-s{seed}.json")
+        if not os.path.exists(path):
+            tracker = _Tracker(probe, m["track_every"], pcfg.steps)
+            ids = train_ids if rows is None else train_ids[rows]
+            t0 = time.time()
+            with hooked_ppo(tracker, d_r if name.startswith("rehearse") else None, gamma):
+                result = ppo.train(sft, ids, pipeline, pcfg, seed=1000 + seed, desc=name)
+            tracker.curve.append({"step": pcfg.steps, **probe(result.policy)})
+            write_json(path, {"arm": name, "gamma": gamma, "seed": seed, "n_prompts": len(ids), "curve": tracker.curve,
+                              "history": result.history, "seconds": time.time() - t0})
+        records.append(read_json(path))
+
+    results = {"config": config, "n_train_prompts": len(train), "n_ppo_prompts": len(sel.ppo),
+               "n_rehearsal": len(sel.rehearsal), "n_heldout": len(held), "clusters": sel.clusters,
+               "expert_score": {"ppo_mean": float(expert_score[sel.ppo].mean()),
+                                "rehearsal_mean": float(expert_score[sel.rehearsal].mean())},
+               "runs": records, "table": table(records), "wall_seconds": time.time() - start}
+    write_report(out, results)
+    write_json(os.path.join(out, "forgetting.json"), results)
+    return results
+
+
+def read_json_roundtrip(obj):
+    """`obj` as it reads back from JSON (tuples become lists)."""
+    import json
+
+    return json.loads(json.dumps(obj))
+
+
+def table(records: List[Dict]) -> List[Dict]:
+    """Per arm (mean over seeds): start and end of each tracked metric."""
+    rows = []
+    for arm in dict.fromkeys(r["arm"] for r in records):
+        rs = [r for r in records if r["arm"] == arm]
+        row = {"arm": arm, "n_prompts": rs[0]["n_prompts"], "seeds": len(rs)}
+        for key in ("gold_helpful", "gold_harmless", "proxy_helpful", "heldout_nll"):
+            row[f"{key}_start"] = float(np.mean([r["curve"][0][key] for r in rs]))
+            row[f"{key}_end"] = float(np.mean([r["curve"][-1][key] for r in rs]))
+        row["kl_end"] = float(np.mean([r["history"][-1]["kl"] for r in rs]))
+        rows.append(row)
+    return rows
+
+
+def write_report(out: str, results: Dict) -> None:
+    """forgetting.png (curves per arm) and forgetting.md (table), atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("gold_helpful", "gold_harmless", "proxy_helpful", "heldout_nll")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for ax, key in zip(axes, keys):
+        for arm in dict.fromkeys(r["arm"] for r in results["runs"]):
+            rs = [r for r in results["runs"] if r["arm"] == arm]
+            steps = [c["step"] for c in rs[0]["curve"]]
+            ax.plot(steps, np.mean([[c[key] for c in r["curve"]] for r in rs], 0), marker=".", label=arm)
+        ax.set_xlabel("PPO step")
+        ax.set_title(key.replace("_", " ") + (" (held-out expert set)" if key == "heldout_nll" else " (train prompts)"),
+                     fontsize=9)
+    axes[0].legend(fontsize=8)
+    tmp = os.path.join(out, "forgetting.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, os.path.join(out, "forgetting.png"))
+
+    head = "| arm | PPO prompts | gold helpful start -> end | gold harmless | proxy helpful | held-out NLL | KL end |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for r in results["table"]:
+        cells = [f"{r[k + '_start']:.3f} -> {r[k + '_end']:.3f}" for k in ("gold_helpful", "gold_harmless",
+                                                                          "proxy_helpful", "heldout_nll")]
+        lines.append(f"| {r['arm']} | {r['n_prompts']} | " + " | ".join(cells) + f" | {r['kl_end']:.3f} |")
+    c = results["config"]
+    text = "\n".join([
+        "# Forgetting with and without Selective Rehearsal (CPU lab)", "",
+        f"Mode `{c['mode']}`, PPO on proxy helpfulness (raw reward, kl_coef {c['lab_config']['ppo'].get('kl_coef', 0.01)}),"
+        f" seeds {c['seeds']}, {results['n_train_prompts']} training prompts; selection: {c['n_clusters']} k-means "
+        f"clusters of bag-of-words prompt features, PPO gets the lower {c['ppo_fraction']:g} of each cluster by proxy score "
+        f"of an expert answer ({results['n_ppo_prompts']} prompts, mean expert score "
+        f"{results['expert_score']['ppo_mean']:.3f}), D_R = top {c['rehearsal_k']} per cluster ({results['n_rehearsal']} "
+        f"pairs, mean {results['expert_score']['rehearsal_mean']:.3f}). Held-out expert set: {results['n_heldout']} fresh "
+        "demonstrations on the eval prompts. Gold metrics on the first "
+        f"{c['track_prompts']} training prompts x {c['track_samples']} samples (fixed sampling seed).", "",
+        *lines, "", "![curves](forgetting.png)", "",
+        f"Wall time {results['wall_seconds'] / 60:.1f} min (this invocation).", "",
+    ])
+    tmp = os.path.join(out, "forgetting.md.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(out, "forgetting.md"))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m openrlhf_lsc.lab.forgetting", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output folder; an interrupted run resumes from it")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI (under 90 s)")
+    args = p.parse_args(argv)
+    try:
+        results = run(args.out, "smoke" if args.smoke else "default")
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    with open(os.path.join(args.out, "forgetting.md")) as f:
+        print(f.read())
+    print(f"finished in {results['wall_seconds'] / 60:.1f} min: {args.out}/forgetting.md")
+
+
+if __name__ == "__main__":
+    main()
