@@ -46,20 +46,20 @@ class Config:
     mode: str
     lab: str = "quick"
     seed: int = 0
-    temperature: Dict[str, float] = dataclasses.field(default_factory=lambda: {"code": 0.1, "qa": 1.0})
+    temperature: Dict[str, float] = dataclasses.field(default_factory=lambda: {"code": 0.05, "qa": 2.0})
     pairs_per_prompt: int = 8
-    rm_epochs: int = 3
+    rm_epochs: int = 6
     am: Dict = dataclasses.field(default_factory=lambda: {"margin": 2.5, "task_std": 1.0})  # AdvantageModelLoss kwargs
-    kl_grid: Sequence[float] = (0.01, 0.1)  # KL coefficient in units of the proxy's std on SFT samples
-    ppo_seeds: Sequence[int] = (0,)
-    ppo: Dict = dataclasses.field(default_factory=dict)  # PPOConfig overrides
+    kl_grid: Sequence[float] = (0.01, 0.03, 0.1)  # KL coefficient in units of the proxy's std on SFT samples
+    ppo_seeds: Sequence[int] = (0, 1)
+    ppo: Dict = dataclasses.field(default_factory=lambda: {"steps": 100})  # PPOConfig overrides
     sft_pool: int = 16  # SFT samples per eval prompt (the win-rate reference)
     eval_samples: int = 8
 
 
 PRESETS = {
     "default": Config(mode="default"),
-    "smoke": Config(mode="smoke", lab="smoke", pairs_per_prompt=4, rm_epochs=1, kl_grid=(0.05,), sft_pool=4,
+    "smoke": Config(mode="smoke", lab="smoke", pairs_per_prompt=4, rm_epochs=1, kl_grid=(0.05,), ppo_seeds=(0,), sft_pool=4,
                     eval_samples=4, ppo={"steps": 3, "rollout_prompts": 16, "train_batch": 16}),
 }
 
@@ -203,25 +203,29 @@ def plot(out: str, setup: Dict, runs: List[Dict]) -> str:
     return "am_vs_bt.png"
 
 
-def summarise(runs: List[Dict]) -> List[Dict]:
-    """Mean over seeds per (proxy, c)."""
+def summarise(runs: List[Dict], setup: Dict) -> List[Dict]:
+    """Mean over seeds per (proxy, c); drift also with each task's gain in units of its SFT proxy-score std."""
     rows = []
     for proxy in PROXIES:
         for c in sorted({r["c"] for r in runs}):
             rs = [r for r in runs if r["proxy"] == proxy and r["c"] == c]
             m = lambda f: float(np.mean([f(r) for r in rs]))  # noqa: E731
             shares = [r["drift_code_share"] for r in rs if r["drift_code_share"] is not None]
+            sd = setup["proxies"][proxy]["sft_pool_per_task"]
+            z = [[r["per_task"][t]["proxy_gain"] / sd[t]["std"] for t in TASKS] for r in rs]
+            z_shares = [a / (a + b) for a, b in z if a + b > 0]
             rows.append({"proxy": proxy, "c": c, "seeds": len(rs), "kl": m(lambda r: r["kl"]),
                          "win_code": m(lambda r: r["per_task"]["code"]["win_vs_sft"]),
                          "win_qa": m(lambda r: r["per_task"]["qa"]["win_vs_sft"]),
                          "proxy_gain_code": m(lambda r: r["per_task"]["code"]["proxy_gain"]),
                          "proxy_gain_qa": m(lambda r: r["per_task"]["qa"]["proxy_gain"]),
-                         "drift_code_share": float(np.mean(shares)) if shares else None})
+                         "drift_code_share": float(np.mean(shares)) if shares else None,
+                         "drift_code_share_std_units": float(np.mean(z_shares)) if z_shares else None})
     return rows
 
 
 def report(cfg: Config, setup: Dict, rows: List[Dict], fig: str, seconds: float) -> str:
-    lines = [f"# PPO with a Bradley-Terry RM vs an Advantage Model, two tasks ({cfg.mode} mode, {seconds / 60:.1f} min)", "",
+    lines = [f"# PPO with a Bradley-Terry RM vs an Advantage Model, two tasks ({cfg.mode} mode; this invocation took {seconds / 60:.1f} min)", "",
              f"Label temperature per task: {cfg.temperature} (label agreement with the gold order: "
              + ", ".join(f"{t} {v:.2f}" for t, v in setup["label_agreement_with_gold"].items()) + ").", "",
              "## Proxies (held-out pairs, vs their labels; per-task score mean/std on SFT samples of eval prompts)", "",
@@ -234,13 +238,15 @@ def report(cfg: Config, setup: Dict, rows: List[Dict], fig: str, seconds: float)
     lines += ["", "## PPO (means over seeds)", "",
               "Win = P(gold of a policy sample > gold of an SFT sample of the same eval prompt) + ties/2. "
               "Drift = G_code / (G_code + G_qa), G_t = mean training-proxy score of policy minus SFT samples on task t "
-              "(0.5: the proxy gain is split evenly; blank when the total gain is not positive).", "",
-              "| proxy | c | seeds | KL | win code | win qa | proxy gain code | proxy gain qa | drift (code share) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "(0.5: the proxy gain is split evenly; blank when the total gain is not positive); "
+              "drift (std units): the same with G_t divided by the std of the proxy's scores of SFT samples on task t.", "",
+              "| proxy | c | seeds | KL | win code | win qa | proxy gain code | proxy gain qa | drift (code share) | "
+              "drift (std units) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['proxy'].upper()} | {r['c']:g} | {r['seeds']} | {r['kl']:.3f} | {r['win_code']:.3f} | {r['win_qa']:.3f} | "
                      f"{r['proxy_gain_code']:.3f} | {r['proxy_gain_qa']:.3f} | "
-                     + ("" if r["drift_code_share"] is None else f"{r['drift_code_share']:.2f}") + " |")
+                     + " | ".join("" if r[k] is None else f"{r[k]:.2f}" for k in ("drift_code_share", "drift_code_share_std_units"))
+                     + " |")
     lines += ["", f"![per-task proxy scores and win rates]({fig})", ""]
     return "\n".join(lines)
 
@@ -266,7 +272,7 @@ def run(out: str, cfg: Config) -> Dict:
     setup = ex.read_json(setup_path)
     grid = [(p, c, s) for p in PROXIES for c in cfg.kl_grid for s in cfg.ppo_seeds]
     runs = [run_one(out, cfg, lab, sft, setup, *g) for g in tqdm(grid, desc="PPO runs")]
-    rows = summarise(runs)
+    rows = summarise(runs, setup)
     fig = plot(out, setup, runs)
     seconds = time.time() - start
     text = report(cfg, setup, rows, fig, seconds)
