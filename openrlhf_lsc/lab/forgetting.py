@@ -19,6 +19,7 @@ the metrics before each rollout (the proxy sees the policy being trained there).
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import random
@@ -34,12 +35,13 @@ from openrlhf_lsc.lab import models, ppo, world
 from openrlhf_lsc.lab.experiments import PRESETS, Lab, gold_scores, read_json, write_json
 from openrlhf_lsc.rehearsal import cluster_prompts, select, token_nll
 
+METRICS = ("gold_helpful", "gold_harmless", "proxy_helpful", "heldout_nll")
 MODES = {
     # lab preset, PPO overrides, gammas, seeds, clusters, rehearsal k, tracking cadence, tracked prompts x samples
-    "default": dict(lab="quick", ppo={"steps": 60}, gammas=(0.01, 1.0), seeds=(0,), n_clusters=8, rehearsal_k=4,
+    "default": dict(lab="quick", ppo={"steps": 60}, gammas=(0.01, 0.1, 1.0), seeds=(0, 1, 2), n_clusters=8, rehearsal_k=4,
                     ppo_fraction=0.5, track_every=6, track_prompts=96, track_samples=2),
     "smoke": dict(lab="smoke", ppo={"steps": 3, "rollout_prompts": 8, "train_batch": 8}, gammas=(0.0, 1.0),
-                  seeds=(0,), n_clusters=4, rehearsal_k=2, ppo_fraction=0.5, track_every=1, track_prompts=16,
+                  seeds=(0, 1), n_clusters=4, rehearsal_k=2, ppo_fraction=0.5, track_every=1, track_prompts=16,
                   track_samples=1),
 }
 
@@ -68,8 +70,8 @@ def bag_of_words(prompts: List[world.Prompt]) -> np.ndarray:
 class _Tracker:
     """Stands in for `ppo.models` during an arm: `sample` records metrics before each rollout, all else delegates."""
 
-    def __init__(self, probe, every: int, steps: int):
-        self.probe, self.every, self.steps, self.calls, self.policy, self.curve = probe, every, steps, 0, None, []
+    def __init__(self, probe, every: int):
+        self.probe, self.every, self.calls, self.policy, self.curve = probe, every, 0, None, []
 
     def __getattr__(self, name):
         return getattr(models, name)
@@ -109,7 +111,7 @@ def run(out: str, mode: str = "default") -> Dict:
     config = {"mode": mode, **m, "lab_config": dataclasses.asdict(cfg)}
     saved_path = os.path.join(out, "config.json")
     os.makedirs(out, exist_ok=True)
-    if os.path.exists(saved_path) and read_json(saved_path) != read_json_roundtrip(config):
+    if os.path.exists(saved_path) and read_json(saved_path) != json.loads(json.dumps(config)):
         raise ValueError(f"{out} holds a forgetting run with another configuration ({saved_path}); use another --out")
     write_json(saved_path, config)
 
@@ -153,7 +155,7 @@ def run(out: str, mode: str = "default") -> Dict:
     for (name, rows, gamma), seed in tqdm([(a, s) for a in arms for s in m["seeds"]], desc="forgetting arms"):
         path = os.path.join(out, "runs", f"{name.replace(' ', '_').replace('=', '')}-s{seed}.json")
         if not os.path.exists(path):
-            tracker = _Tracker(probe, m["track_every"], pcfg.steps)
+            tracker = _Tracker(probe, m["track_every"])
             ids = train_ids if rows is None else train_ids[rows]
             t0 = time.time()
             with hooked_ppo(tracker, d_r if name.startswith("rehearse") else None, gamma):
@@ -163,8 +165,8 @@ def run(out: str, mode: str = "default") -> Dict:
                               "history": result.history, "seconds": time.time() - t0})
         records.append(read_json(path))
 
-    results = {"config": config, "n_train_prompts": len(train), "n_ppo_prompts": len(sel.ppo),
-               "n_rehearsal": len(sel.rehearsal), "n_heldout": len(held), "clusters": sel.clusters,
+    results = {"config": config, "ppo": dataclasses.asdict(pcfg), "n_train_prompts": len(train),
+               "n_ppo_prompts": len(sel.ppo), "n_rehearsal": len(sel.rehearsal), "n_heldout": len(held), "clusters": sel.clusters,
                "expert_score": {"ppo_mean": float(expert_score[sel.ppo].mean()),
                                 "rehearsal_mean": float(expert_score[sel.rehearsal].mean())},
                "runs": records, "table": table(records), "wall_seconds": time.time() - start}
@@ -173,25 +175,40 @@ def run(out: str, mode: str = "default") -> Dict:
     return results
 
 
-def read_json_roundtrip(obj):
-    """`obj` as it reads back from JSON (tuples become lists)."""
-    import json
-
-    return json.loads(json.dumps(obj))
-
-
 def table(records: List[Dict]) -> List[Dict]:
-    """Per arm (mean over seeds): start and end of each tracked metric."""
+    """Per arm: start and end (mean and std over seeds) of each tracked metric, and the end minus stock's end
+    paired by seed (mean and standard error)."""
+    def end(rs: List[Dict], key: str) -> np.ndarray:
+        return np.array([r["curve"][-1][key] for r in sorted(rs, key=lambda r: r["seed"])])
+
+    stock = [r for r in records if r["arm"] == "stock"]
     rows = []
     for arm in dict.fromkeys(r["arm"] for r in records):
         rs = [r for r in records if r["arm"] == arm]
         row = {"arm": arm, "n_prompts": rs[0]["n_prompts"], "seeds": len(rs)}
-        for key in ("gold_helpful", "gold_harmless", "proxy_helpful", "heldout_nll"):
+        for key in METRICS:
             row[f"{key}_start"] = float(np.mean([r["curve"][0][key] for r in rs]))
-            row[f"{key}_end"] = float(np.mean([r["curve"][-1][key] for r in rs]))
+            row[f"{key}_end"], row[f"{key}_end_std"] = float(end(rs, key).mean()), float(end(rs, key).std())
+            diff = end(rs, key) - end(stock, key)
+            row[f"{key}_vs_stock"] = float(diff.mean())
+            row[f"{key}_vs_stock_sem"] = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
         row["kl_end"] = float(np.mean([r["history"][-1]["kl"] for r in rs]))
         rows.append(row)
     return rows
+
+
+def conclusions(rows: List[Dict]) -> List[str]:
+    """One line per arm: its end values against stock's, flagged beyond / within 2 standard errors."""
+    names = {"heldout_nll": "held-out expert NLL", "gold_helpful": "gold helpfulness", "gold_harmless": "gold harmlessness"}
+    out = []
+    for r in rows[1:]:
+        parts = []
+        for key, name in names.items():
+            d, se = r[f"{key}_vs_stock"], r[f"{key}_vs_stock_sem"]
+            verdict = "beyond 2 s.e." if abs(d) > 2 * se else "within seed noise"
+            parts.append(f"{name} {d:+.3f} ({verdict})")
+        out.append(f"- {r['arm']} vs stock at the last step: " + ", ".join(parts) + ".")
+    return out
 
 
 def write_report(out: str, results: Dict) -> None:
@@ -201,7 +218,7 @@ def write_report(out: str, results: Dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ("gold_helpful", "gold_harmless", "proxy_helpful", "heldout_nll")
+    keys = METRICS
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
     for ax, key in zip(axes, keys):
         for arm in dict.fromkeys(r["arm"] for r in results["runs"]):
@@ -217,24 +234,39 @@ def write_report(out: str, results: Dict) -> None:
     plt.close(fig)
     os.replace(tmp, os.path.join(out, "forgetting.png"))
 
-    head = "| arm | PPO prompts | gold helpful start -> end | gold harmless | proxy helpful | held-out NLL | KL end |"
+    head = "| arm | PPO prompts | gold helpful | gold harmless | proxy helpful | held-out expert NLL | rollout KL |"
     lines = [head, "|---|---|---|---|---|---|---|"]
     for r in results["table"]:
-        cells = [f"{r[k + '_start']:.3f} -> {r[k + '_end']:.3f}" for k in ("gold_helpful", "gold_harmless",
-                                                                          "proxy_helpful", "heldout_nll")]
-        lines.append(f"| {r['arm']} | {r['n_prompts']} | " + " | ".join(cells) + f" | {r['kl_end']:.3f} |")
+        cells = [f"{r[k + '_start']:.2f} -> {r[k + '_end']:.2f} ± {r[k + '_end_std']:.2f}" for k in METRICS]
+        lines.append(f"| {r['arm']} | {r['n_prompts']} | " + " | ".join(cells) + f" | {r['kl_end']:.2f} |")
+    lines += ["", "End value minus stock's, paired by seed (mean ± standard error; bold when |mean| > 2 s.e.):", "",
+              "| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for r in results["table"][1:]:
+        cells = []
+        for k in METRICS:
+            d, se = r[f"{k}_vs_stock"], r[f"{k}_vs_stock_sem"]
+            cell = f"{d:+.3f} ± {se:.3f}"
+            cells.append(f"**{cell}**" if abs(d) > 2 * se else cell)
+        lines.append(f"| {r['arm']} | " + " | ".join(cells) + " |")
     c = results["config"]
     text = "\n".join([
         "# Forgetting with and without Selective Rehearsal (CPU lab)", "",
-        f"Mode `{c['mode']}`, PPO on proxy helpfulness (raw reward, kl_coef {c['lab_config']['ppo'].get('kl_coef', 0.01)}),"
-        f" seeds {c['seeds']}, {results['n_train_prompts']} training prompts; selection: {c['n_clusters']} k-means "
+        f"Mode `{c['mode']}`, PPO on proxy helpfulness (raw reward, kl_coef {results['ppo']['kl_coef']:g}, "
+        f"{results['ppo']['steps']} steps),"
+        f" seeds {list(c['seeds'])}, {results['n_train_prompts']} training prompts; selection: {c['n_clusters']} k-means "
         f"clusters of bag-of-words prompt features, PPO gets the lower {c['ppo_fraction']:g} of each cluster by proxy score "
         f"of an expert answer ({results['n_ppo_prompts']} prompts, mean expert score "
         f"{results['expert_score']['ppo_mean']:.3f}), D_R = top {c['rehearsal_k']} per cluster ({results['n_rehearsal']} "
         f"pairs, mean {results['expert_score']['rehearsal_mean']:.3f}). Held-out expert set: {results['n_heldout']} fresh "
-        "demonstrations on the eval prompts. Gold metrics on the first "
-        f"{c['track_prompts']} training prompts x {c['track_samples']} samples (fixed sampling seed).", "",
-        *lines, "", "![curves](forgetting.png)", "",
+        "demonstrations on the eval prompts (no SFT or PPO prompt). Gold metrics on the first "
+        f"{c['track_prompts']} training prompts x {c['track_samples']} samples (fixed sampling seed); start -> end "
+        "(end: mean ± std over seeds).", "",
+        *lines, "", "![curves](forgetting.png)", "", "## Conclusions (generated from the numbers above)", "",
+        *conclusions(results["table"]), "",
+        "Caveats: one synthetic world and its proxy helpfulness RM; the selected arms train on half the prompts, so "
+        "their rollout KL is measured on other prompts than stock's; gold is measured on the first training prompts "
+        "(some of them not in the selected arms' PPO set); the held-out expert set comes from the lab's demonstrator, "
+        "the SFT policy's own teacher, so its NLL measures drift away from the SFT distribution.", "",
         f"Wall time {results['wall_seconds'] / 60:.1f} min (this invocation).", "",
     ])
     tmp = os.path.join(out, "forgetting.md.tmp")
