@@ -23,7 +23,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -33,7 +33,6 @@ from tqdm.auto import tqdm
 
 from openrlhf_lsc.estimate import estimate_references
 from openrlhf_lsc.lab import models, ppo, world
-from openrlhf_lsc.rewards import aggregate_rewards
 
 PROPERTIES = ("helpful", "harmless")
 # Win definitions (paper 1, section 5): beat the SFT 85th percentile of gold helpfulness, the 95th of

@@ -10,9 +10,9 @@ What is mirrored (file references are to the installed openrlhf package):
 - GAE (gamma = lambda = 1 by default) or cumulative returns, then advantage whitening over all action
   tokens for gae / reinforce / reinforce_baseline;
 - the clipped surrogate (eps 0.2) and clipped value loss (0.5), token-mean (`models/loss.py`), gradient
-  norm clipped to 1, the critic initialised from the (first) reward model.
+  norm clipped to 1, Adam betas (0.9, 0.95), the critic initialised from the (first) reward model.
 What differs: constant learning rates sized for a 100k-parameter model (OpenRLHF: 1e-6 / 9e-6 with warm-up
-and cosine decay for LLMs); one process, no vLLM/DeepSpeed. `tests/test_lab_ppo.py` checks the
+and cosine decay for LLMs); one process, no vLLM/DeepSpeed. `tests/test_lab_openrlhf.py` checks the
 advantage and loss code against OpenRLHF's own functions.
 """
 

@@ -403,6 +403,10 @@ def _markdown(results: Dict, summary, comps, table: str, figs: Sequence[str], re
         "",
     ]
     lines += [f"- {_comparison_sentence(c)}" for c in comps]
+    diffs = [c["mean_win_difference"] for c in comps if c["mean_win_difference"] is not None]
+    lines += ["", f"In this run the plugin's method was ahead in {sum(d > 0.005 for d in diffs)}, behind in "
+              f"{sum(d < -0.005 for d in diffs)} and level (within ±0.005) in {sum(abs(d) <= 0.005 for d in diffs)} "
+              f"of {len(diffs)} comparisons."]
     and_rows = [r for r in results["rows"] if r["experiment"] == "and"]
     if and_rows:
         spread = results["proxy_within_prompt_std"]
