@@ -189,10 +189,10 @@ def plot(out: str, setup: Dict, runs: List[Dict]) -> str:
         ax.set(title=f"{name.upper()} proxy scores of SFT samples, per task", xlabel="proxy score")
         ax.legend()
     ax = axes[2]
-    for proxy, ls in zip(PROXIES, ("--", "-")):
+    for proxy, marker in zip(PROXIES, ("x", "o")):  # one point per run (KL coefficient x seed)
         for t, color in zip(TASKS, ("C0", "C1")):
-            pts = sorted((r["kl"], r["per_task"][t]["win_vs_sft"]) for r in runs if r["proxy"] == proxy)
-            ax.plot(*zip(*pts), ls=ls, marker="o", color=color, label=f"{proxy.upper()} / {t}")
+            pts = [(r["kl"], r["per_task"][t]["win_vs_sft"]) for r in runs if r["proxy"] == proxy]
+            ax.plot(*zip(*pts), ls="none", marker=marker, ms=8, color=color, label=f"{proxy.upper()} / {t}")
     ax.axhline(0.5, color="gray", lw=0.8)
     ax.set(title="PPO: per-task gold win rate vs SFT", xlabel="KL(policy || SFT)", ylabel="win rate")
     ax.legend()
