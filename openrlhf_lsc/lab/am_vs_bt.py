@@ -113,7 +113,8 @@ def build_proxies(out: str, cfg: Config, lab: ex.Lab, sft) -> Dict:
     pool_prompts = [p for p in lab.eval_prompts for _ in range(cfg.sft_pool)]
     pool_ids = models.encode_prompts([p.text for p in pool_prompts])
     pool = ex.sample_batched(sft, pool_ids, gen, desc="SFT eval pool")
-    setup = {"gold_sft": ex.gold_scores("helpful", pool_prompts, models.decode_responses(pool)).reshape(-1, cfg.sft_pool).tolist(),
+    gold_sft = ex.gold_scores("helpful", pool_prompts, models.decode_responses(pool)).reshape(-1, cfg.sft_pool)
+    setup = {"gold_sft": gold_sft.tolist(),
              "label_agreement_with_gold": {}, "proxies": {}}
     strict = gold[a] != gold[b]
     for t in TASKS:
@@ -225,7 +226,8 @@ def summarise(runs: List[Dict], setup: Dict) -> List[Dict]:
 
 
 def report(cfg: Config, setup: Dict, rows: List[Dict], fig: str, seconds: float) -> str:
-    lines = [f"# PPO with a Bradley-Terry RM vs an Advantage Model, two tasks ({cfg.mode} mode; this invocation took {seconds / 60:.1f} min)", "",
+    lines = [f"# PPO with a Bradley-Terry RM vs an Advantage Model, two tasks ({cfg.mode} mode)", "",
+             f"This invocation took {seconds / 60:.1f} min (finished stages and runs are reused from disk).", "",
              f"Label temperature per task: {cfg.temperature} (label agreement with the gold order: "
              + ", ".join(f"{t} {v:.2f}" for t, v in setup["label_agreement_with_gold"].items()) + ").", "",
              "## Proxies (held-out pairs, vs their labels; per-task score mean/std on SFT samples of eval prompts)", "",
@@ -243,11 +245,21 @@ def report(cfg: Config, setup: Dict, rows: List[Dict], fig: str, seconds: float)
               "| proxy | c | seeds | KL | win code | win qa | proxy gain code | proxy gain qa | drift (code share) | "
               "drift (std units) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['proxy'].upper()} | {r['c']:g} | {r['seeds']} | {r['kl']:.3f} | {r['win_code']:.3f} | {r['win_qa']:.3f} | "
-                     f"{r['proxy_gain_code']:.3f} | {r['proxy_gain_qa']:.3f} | "
-                     + " | ".join("" if r[k] is None else f"{r[k]:.2f}" for k in ("drift_code_share", "drift_code_share_std_units"))
-                     + " |")
-    lines += ["", f"![per-task proxy scores and win rates]({fig})", ""]
+        drift = ["" if r[k] is None else f"{r[k]:.2f}" for k in ("drift_code_share", "drift_code_share_std_units")]
+        lines.append(f"| {r['proxy'].upper()} | {r['c']:g} | {r['seeds']} | {r['kl']:.3f} | {r['win_code']:.3f} | "
+                     f"{r['win_qa']:.3f} | {r['proxy_gain_code']:.3f} | {r['proxy_gain_qa']:.3f} | " + " | ".join(drift) + " |")
+    lines += ["", f"![per-task proxy scores and win rates]({fig})", "", "## Conclusions (computed from the tables above)", ""]
+    for name in PROXIES:
+        st = setup["proxies"][name]["sft_pool_per_task"]
+        rs = [r for r in rows if r["proxy"] == name]
+        gap = np.mean([r["win_code"] - r["win_qa"] for r in rs])
+        shares = [r["drift_code_share"] for r in rs if r["drift_code_share"] is not None]
+        lines.append(f"- {name.upper()}: score std code/qa = {st['code']['std'] / st['qa']['std']:.2f}, mean code - qa = "
+                     f"{st['code']['mean'] - st['qa']['mean']:+.2f}; over the KL grid, win code - win qa = {gap:+.3f} on average"
+                     + (f", code share of the proxy gain {np.mean(shares):.2f}." if shares else "."))
+    lines += ["- Caveats: runs differ in the KL they reach (compare rows at similar KL, not at equal c); "
+              f"{len(cfg.ppo_seeds)} PPO seed(s) per point; one world/proxy seed; the proxies differ in held-out accuracy "
+              "as well as in scale, so per-task win rates mix both effects.", ""]
     return "\n".join(lines)
 
 
