@@ -11,16 +11,13 @@ Over training it tracks gold helpfulness/harmlessness of samples on a fixed subs
 the NLL of a held-out expert set: fresh demonstrations (`world.demonstrate`, a seed the SFT data did not use)
 on the lab's eval prompts, which neither SFT nor PPO trains on.
 
-`ppo.train` has no extra-loss or per-step hook, and the lab's files are not ours to edit: while an arm runs,
-`ppo.policy_loss` is wrapped to add the rehearsal term, and `ppo.models` is a proxy whose `sample` records
-the metrics before each rollout (the proxy sees the policy being trained there).
+Rehearsal uses `ppo.train`'s `extra_loss` hook (gamma * NLL(D_R) added to every actor loss, same backward);
+metrics are recorded by its `on_step` hook before each rollout.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import math
 import os
 import random
 import sys
@@ -68,39 +65,14 @@ def bag_of_words(prompts: List[world.Prompt]) -> np.ndarray:
 
 
 class _Tracker:
-    """Stands in for `ppo.models` during an arm: `sample` records metrics before each rollout, all else delegates."""
+    """`on_step` hook of `ppo.train`: records the probe's metrics every `every` steps."""
 
     def __init__(self, probe, every: int):
-        self.probe, self.every, self.calls, self.policy, self.curve = probe, every, 0, None, []
+        self.probe, self.every, self.curve = probe, every, []
 
-    def __getattr__(self, name):
-        return getattr(models, name)
-
-    def sample(self, policy, prompt_ids, generator, *args, **kwargs):
-        self.policy = policy
-        if self.calls % self.every == 0:
-            self.curve.append({"step": self.calls, **self.probe(policy)})
-        self.calls += 1
-        return models.sample(policy, prompt_ids, generator, *args, **kwargs)
-
-
-@contextlib.contextmanager
-def hooked_ppo(tracker: _Tracker, rehearsal: Optional[tuple], gamma: float):
-    """Patch `ppo` for one arm: metrics via `tracker`, and gamma * NLL(D_R) added to every actor loss."""
-    original = ppo.policy_loss
-
-    def policy_loss(*args, **kwargs):
-        loss = original(*args, **kwargs)
-        if rehearsal is not None:
-            loss = loss + gamma * expert_nll(tracker.policy, *rehearsal)  # same backward as the PPO loss
-        return loss
-
-    saved = ppo.models, ppo.policy_loss
-    ppo.models, ppo.policy_loss = tracker, policy_loss
-    try:
-        yield
-    finally:
-        ppo.models, ppo.policy_loss = saved
+    def __call__(self, step: int, policy) -> None:
+        if step % self.every == 0:
+            self.curve.append({"step": step, **self.probe(policy)})
 
 
 def run(out: str, mode: str = "default") -> Dict:
@@ -158,8 +130,11 @@ def run(out: str, mode: str = "default") -> Dict:
             tracker = _Tracker(probe, m["track_every"])
             ids = train_ids if rows is None else train_ids[rows]
             t0 = time.time()
-            with hooked_ppo(tracker, d_r if name.startswith("rehearse") else None, gamma):
-                result = ppo.train(sft, ids, pipeline, pcfg, seed=1000 + seed, desc=name)
+            rehearse = None
+            if name.startswith("rehearse"):
+                rehearse = lambda policy, g=gamma: g * expert_nll(policy, *d_r)  # noqa: E731
+            result = ppo.train(sft, ids, pipeline, pcfg, seed=1000 + seed, desc=name, extra_loss=rehearse,
+                               on_step=tracker)
             tracker.curve.append({"step": pcfg.steps, **probe(result.policy)})
             write_json(path, {"arm": name, "gamma": gamma, "seed": seed, "n_prompts": len(ids), "curve": tracker.curve,
                               "history": result.history, "seconds": time.time() - t0})

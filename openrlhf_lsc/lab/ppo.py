@@ -18,7 +18,7 @@ advantage and loss code against OpenRLHF's own functions.
 
 import copy
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -172,8 +172,13 @@ def train(
     seed: int,
     desc: str = "PPO",
     progress: bool = True,
+    extra_loss: Optional[Callable[[torch.nn.Module], torch.Tensor]] = None,
+    on_step: Optional[Callable[[int, torch.nn.Module], None]] = None,
 ) -> PPOResult:
     """Run PPO from the SFT policy on the training prompts `prompt_ids` `[P, prompt_len]`.
+
+    `extra_loss(policy)` is added to every actor loss before its backward (e.g. rehearsal gamma * NLL);
+    `on_step(step, policy)` runs before each rollout (e.g. to record metrics).
 
     Returns the trained policy and per-step logs (utility, proxy rewards, KL to SFT, response length).
     """
@@ -194,6 +199,8 @@ def train(
             order, cursor = torch.randperm(len(prompt_ids), generator=gen), 0
         index = order[cursor : cursor + cfg.rollout_prompts].repeat_interleave(cfg.n_samples_per_prompt)
         cursor += cfg.rollout_prompts
+        if on_step is not None:
+            on_step(step, policy)
         prompts = prompt_ids[index]
         responses = models.sample(policy, prompts, gen)
         mask = models.action_mask(responses)
@@ -216,6 +223,8 @@ def train(
                 b = perm[i : i + cfg.train_batch]
                 logp = models.response_logprobs(policy, prompts[b], responses[b])
                 loss = policy_loss(logp, old_logp[b], advantages[b], mask[b], cfg.eps_clip)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(policy)  # same backward as the PPO loss
                 actor_opt.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_norm)
