@@ -99,11 +99,18 @@ def models(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(models, tmp_path_factory) -> dict:
-    """Both trainings, started together: their start-ups (imports, Ray) overlap on 2 cores."""
+    """Both trainings, started together: their start-ups (imports, Ray) overlap on 2 cores.
+    The group run also rehearses expert pairs (Selective Rehearsal's loss in the actor step)."""
+    rehearsal = tmp_path_factory.mktemp("rehearsal") / "d_r.jsonl"
+    with open(rehearsal, "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"input": f"what is {tiny_models.WORDS[i]} plus one?", "output": " the answer is two"}) + "\n")
     started = {
         "label": _start(models, tmp_path_factory.mktemp("label_run"),
                         ["--lsc.reference", "label", "--data.label_key", tiny_models.LABEL_KEY]),
-        "group": _start(models, tmp_path_factory.mktemp("group_run"), ["--lsc.reference", "group", "--lsc.quantile", "0.5"]),
+        "group": _start(models, tmp_path_factory.mktemp("group_run"),
+                        ["--lsc.reference", "group", "--lsc.quantile", "0.5",
+                         "--lsc.rehearsal.dataset", str(rehearsal), "--lsc.rehearsal.coef", "0.01"]),
     }
     try:
         return {name: _finish(*run) for name, run in started.items()}
@@ -193,6 +200,15 @@ def test_label_reference_lsc_and_matches_independent_computation(runs, score, pr
 
 def test_group_reference_lsc_and_matches_independent_computation(runs, score, prompt_of):
     _check_run(runs["group"], score, prompt_of, _group_references)
+
+
+def test_rehearsal_loss_is_logged_finite_each_step(runs):
+    status = runs["group"]["status"]
+    assert sorted(status) == list(range(1, STEPS + 1))
+    for step in status.values():
+        assert np.isfinite(step["rehearsal_nll"]) and step["rehearsal_nll"] > 0
+        assert step["rehearsal_coef"] == 0.01
+    assert all("rehearsal_nll" not in step for step in runs["label"]["status"].values())
 
 
 @pytest.mark.parametrize("corruption", ["reward_models_swapped", "trainer_used_another_samples_reward"])
