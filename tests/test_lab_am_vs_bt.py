@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from openrlhf_lsc.lab import am_vs_bt as amb
+from lab_checks import numbers
 
 CFG = amb.PRESETS["smoke"]
 
@@ -22,15 +23,6 @@ def done(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("am_vs_bt"))
     return out, amb.run(out, CFG)
 
-
-def _numbers(obj):
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, list):
-        for v in obj:
-            yield from _numbers(v)
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        yield obj
 
 
 def test_files_plot_and_finite_numbers(done):
@@ -42,7 +34,7 @@ def test_files_plot_and_finite_numbers(done):
     assert "](am_vs_bt.png)" in open(os.path.join(out, "am_vs_bt.md")).read()
     with open(os.path.join(out, "am_vs_bt.json")) as f:
         on_disk = json.load(f)
-    assert all(math.isfinite(x) for x in _numbers(on_disk))
+    assert all(math.isfinite(x) for x in numbers(on_disk))
     assert len(on_disk["runs"]) == len(amb.PROXIES) * len(CFG.kl_grid) * len(CFG.ppo_seeds)
     for run in on_disk["runs"]:
         assert all(0.0 <= t["win_vs_sft"] <= 1.0 for t in run["per_task"].values())

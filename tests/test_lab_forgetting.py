@@ -10,6 +10,7 @@ import torch
 
 from openrlhf_lsc.lab import forgetting, models
 from openrlhf_lsc.lab.experiments import load_policy
+from lab_checks import numbers
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +19,6 @@ def smoke(tmp_path_factory):
     return out, forgetting.run(out, "smoke")
 
 
-def _numbers(obj):
-    if isinstance(obj, dict):
-        for v in obj.values():
-            yield from _numbers(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _numbers(v)
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        yield obj
-
 
 def test_files_plot_and_finite_numbers(smoke):
     out, results = smoke
@@ -35,7 +26,7 @@ def test_files_plot_and_finite_numbers(smoke):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     img = matplotlib.image.imread(os.path.join(out, "forgetting.png"))
     assert img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0
-    assert all(math.isfinite(x) for x in _numbers(results))
+    assert all(math.isfinite(x) for x in numbers(results))
     assert [r["arm"] for r in results["table"]] == ["stock", "select", "rehearse g=0", "rehearse g=1"]
     assert len(results["runs"]) == 4 * len(forgetting.MODES["smoke"]["seeds"])
     steps = forgetting.MODES["smoke"]["ppo"]["steps"]

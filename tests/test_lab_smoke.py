@@ -13,6 +13,7 @@ import torch
 from openrlhf_lsc.lab import experiments as ex
 from openrlhf_lsc.lab import models, world
 from openrlhf_lsc.references import references_from_labels
+from lab_checks import numbers
 
 
 @pytest.fixture(scope="module")
@@ -21,16 +22,6 @@ def lab(tmp_path_factory):
     results = ex.run_lab(out, ex.PRESETS["smoke"])
     return out, results
 
-
-def _numbers(obj):
-    if isinstance(obj, dict):
-        for v in obj.values():
-            yield from _numbers(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _numbers(v)
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        yield obj
 
 
 def test_files_written_and_plots_render(lab):
@@ -52,7 +43,7 @@ def test_numbers_finite_and_in_range(lab):
     out, results = lab
     with open(os.path.join(out, "results.json")) as f:
         on_disk = json.load(f)
-    assert all(math.isfinite(x) for x in _numbers(on_disk))
+    assert all(math.isfinite(x) for x in numbers(on_disk))
     for row in on_disk["rows"]:
         assert 0.0 <= row["win"] <= 1.0 and row["kl"] > -0.5  # a sample KL estimate may dip slightly below 0
         assert all(0.0 <= v <= 1.0 for v in row["shortcut"].values())
