@@ -134,16 +134,16 @@ def apply_lsc_rewards(experiences: List, args, step: int = 0) -> torch.Tensor:
         labels[i] = label
 
     references = _references(cfg, args, rewards, labels)
-    utility = aggregate_rewards(rewards, references, cfg.transform, cfg.aggregate, cfg.weights)
+    per_rm = transform_reward(rewards, references, cfg.transform)  # [N, K], transformed once
+    # The columns are utilities already: aggregate them as they are ("raw").
+    utility = aggregate_rewards(per_rm, None, "raw", cfg.aggregate, cfg.weights)
     if cfg.transform == "raw" and len(names) == 1:
         utility = utility.to(rewards.dtype)  # keep stock numerics exactly
 
     per_sample = {"lsc/utility": utility}
     for k, name in enumerate(names):
         per_sample[f"lsc/{name}/reward"] = rewards[:, k]
-        per_sample[f"lsc/{name}/utility"] = transform_reward(
-            rewards[:, k], None if references is None else references[:, k], cfg.transform
-        )
+        per_sample[f"lsc/{name}/utility"] = per_rm[:, k]
         if references is not None:
             per_sample[f"lsc/{name}/margin"] = rewards[:, k] - references[:, k]
             per_sample[f"lsc/{name}/above_ref"] = (rewards[:, k] > references[:, k]).float()
