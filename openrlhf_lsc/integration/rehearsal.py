@@ -72,7 +72,7 @@ def apply() -> None:
         wrap(ActorPPOTrainer, "training_step", ["self", "experience", "kl_ctl", "step", "loss_batch_info"], _wrap_step)
         wrap(DeepspeedStrategy, "backward", ["self", "loss", "model", "_optimizer", "kwargs"], _wrap_backward)
     wrap(DeepspeedStrategy, "save_ckpt", SAVE_CKPT, _wrap_save_ckpt)
-    wrap(DeepspeedStrategy, "load_ckpt", LOAD_CKPT, _wrap_load_ckpt)
+    wrap(DeepspeedStrategy, "load_ckpt", LOAD_CKPT, remember_loaded_states)
 
 
 def rehearsal_config(args: Any) -> Optional[SimpleNamespace]:
@@ -273,7 +273,10 @@ def _wrap_trainer_init(original):
     return __init__
 
 
-def _wrap_load_ckpt(original):
+def remember_loaded_states(original):
+    """`DeepspeedStrategy.load_ckpt` wrapper keeping the loaded client states on the strategy
+    (`lsc_loaded_client_states`) for the rehearsal stream and the AM loss, which are built after it."""
+
     def load_ckpt(self, *args, **kwargs):
         load_path, states = original(self, *args, **kwargs)
         self.lsc_loaded_client_states = states
