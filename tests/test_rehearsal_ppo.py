@@ -266,7 +266,7 @@ def _sharded_stream(env, rank, world, state=None):
 
     env.strategy.setup_dataloader = setup_dataloader
     try:
-        return env.rehearsal.RehearsalStream(env.strategy, env.tok, env.strategy.args.lsc.rehearsal, state)
+        return env.rehearsal.RehearsalStream.from_config(env.strategy, env.tok, env.strategy.args.lsc.rehearsal, state)
     finally:
         del env.strategy.setup_dataloader
 
@@ -323,11 +323,11 @@ def test_bad_rehearsal_input_names_the_flag(env, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"q": "w1", "answer": "w2"}) + "\n")
     with pytest.raises(ValueError, match=r"no field 'a' \(--lsc.rehearsal.output_key\)"):
-        env.rehearsal.RehearsalStream(env.strategy, env.tok, NS(**{**vars(cfg), "dataset": str(bad)}))
+        env.rehearsal.RehearsalStream.from_config(env.strategy, env.tok, NS(**{**vars(cfg), "dataset": str(bad)}))
     one = tmp_path / "one.jsonl"
     one.write_text(json.dumps({"q": "w1", "a": "w2"}) + "\n")
     with pytest.raises(ValueError, match="1 usable pairs, fewer than --lsc.rehearsal.micro_batch_size 2"):
-        env.rehearsal.RehearsalStream(env.strategy, env.tok, NS(**{**vars(cfg), "dataset": str(one)}))
+        env.rehearsal.RehearsalStream.from_config(env.strategy, env.tok, NS(**{**vars(cfg), "dataset": str(one)}))
     for key, value, flag in (("coef", -0.1, "coef"), ("coef", float("nan"), "coef"), ("micro_batch_size", 0, "micro_batch_size")):
         with pytest.raises(ValueError, match=f"--lsc.rehearsal.{flag}"):
             env.rehearsal.check_config(NS(**{**vars(cfg), key: value}))

@@ -93,8 +93,26 @@ def check_config(cfg: SimpleNamespace) -> None:
 class RehearsalStream:
     """D_R on one actor rank: an endless, DP-sharded stream of SFT micro-batches and the NLL on them."""
 
-    def __init__(self, strategy: Any, tokenizer: Any, cfg: SimpleNamespace, state: Optional[Dict] = None):
+    def __init__(self, loader: Any, coef: float, state: Optional[Dict] = None):
         """
+        Args:
+            loader: a DataLoader of `(input_ids, attention_mask, loss_mask)` micro-batches (OpenRLHF's SFT
+                collate) whose sampler is OpenRLHF's `DistributedSampler`; `from_config` builds it.
+            coef: gamma, `--lsc.rehearsal.coef`.
+            state: a `state_dict()` from a checkpoint to resume from, or None.
+        """
+        self.loader, self.coef = loader, float(coef)
+        self.micro_batch_size = loader.batch_size
+        self.epoch, self.batches = 0, 0  # pass over D_R, micro-batches drawn in this pass
+        self._it = None
+        self._plan, self._position = None, 0  # dynamic batching: the replay buffer's step plan, position in it
+        if state:
+            self.load_state_dict(state)
+
+    @classmethod
+    def from_config(cls, strategy: Any, tokenizer: Any, cfg: SimpleNamespace, state: Optional[Dict] = None):
+        """The stream of `args.lsc.rehearsal`: D_R read and tokenized like OpenRLHF's SFT data, sharded over DP ranks.
+
         Args:
             strategy: the actor's `DeepspeedStrategy` (distributed already set up).
             tokenizer: the actor's tokenizer.
@@ -124,32 +142,24 @@ class RehearsalStream:
         )
         max_len = cfg.max_len or args.data.max_len
         # D_R is small (top-k per cluster): one tokenizing process is enough.
-        self.dataset = SFTDataset(
+        dataset = SFTDataset(
             rows, tokenizer, max_len, SimpleNamespace(args=SimpleNamespace(data=data_args)),
             input_template=args.data.input_template, num_processors=1,
         )
-        dropped = len(rows) - len(self.dataset)
+        dropped = len(rows) - len(dataset)
         if dropped:
             strategy.print(
                 f"[openrlhf_lsc] rehearsal: {dropped} of {len(rows)} pairs in {cfg.dataset} skipped "
                 f"(empty prompt/response, or prompt of >= {max_len - 2} tokens)"
             )
-        self.loader = strategy.setup_dataloader(
-            self.dataset, cfg.micro_batch_size, False, True, self.dataset.collate_fn, drop_last=True
-        )
-        if len(self.loader) == 0:
+        loader = strategy.setup_dataloader(dataset, cfg.micro_batch_size, False, True, dataset.collate_fn, drop_last=True)
+        if len(loader) == 0:
             raise ValueError(
-                f"--lsc.rehearsal.dataset {cfg.dataset} has {len(self.dataset)} usable pairs, fewer than "
+                f"--lsc.rehearsal.dataset {cfg.dataset} has {len(dataset)} usable pairs, fewer than "
                 f"--lsc.rehearsal.micro_batch_size {cfg.micro_batch_size} x data-parallel ranks "
-                f"{self.loader.sampler.num_replicas}"
+                f"{loader.sampler.num_replicas}"
             )
-        self.coef = float(cfg.coef)
-        self.micro_batch_size = cfg.micro_batch_size
-        self.epoch, self.batches = 0, 0  # pass over D_R, micro-batches drawn in this pass
-        self._it = None
-        self._plan, self._position = None, 0  # dynamic batching: the replay buffer's step plan, position in it
-        if state:
-            self.load_state_dict(state)
+        return cls(loader, cfg.coef, state)
 
     def state_dict(self) -> Dict[str, int]:
         """Position in the stream: {"epoch": pass number, "batches": micro-batches drawn in that pass}."""
@@ -254,7 +264,7 @@ def attach(trainer: Any, tokenizer: Any, checkpoint_states: Optional[Dict] = Non
     state = (checkpoint_states or {}).get(STATE_KEY)
     if checkpoint_states and state is None:
         trainer.strategy.print("[openrlhf_lsc] rehearsal: the checkpoint has no rehearsal position; starting D_R from the top")
-    trainer.strategy.lsc_rehearsal = RehearsalStream(trainer.strategy, tokenizer, cfg, state)
+    trainer.strategy.lsc_rehearsal = RehearsalStream.from_config(trainer.strategy, tokenizer, cfg, state)
     hooks = actor_loss_hooks()
     if hooks is not None and actor_loss_hook not in hooks:
         hooks.append(actor_loss_hook)
