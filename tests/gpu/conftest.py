@@ -18,9 +18,9 @@ HERE = Path(__file__).resolve().parent
 SELFTEST = os.environ.get("LSC_GPU_SELFTEST") == "cpu"
 DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if SELFTEST else None)
 NO_CUDA = "no CUDA device (torch.cuda.is_available() is False): the GPU suite needs one"
-if importlib.util.find_spec("ray") is None:  # the GPU check machine has no Ray: test-only stand-in
-    sys.path.append(str(HERE / "stubs"))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(HERE / "stubs")]))
+RAY_STUB = HERE / "stubs" if importlib.util.find_spec("ray") is None else None  # the GPU check machine has no Ray
+if RAY_STUB:
+    sys.path.append(str(RAY_STUB))
 
 _skipped = []
 
@@ -42,3 +42,10 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def device():
     return DEVICE
+
+
+@pytest.fixture(scope="session")
+def step_path():
+    """sys.path of a gpu_steps process: this folder, the Ray stand-in if needed, the test stubs, tests/, the repo."""
+    root = HERE.parents[1]
+    return [p for p in (HERE, RAY_STUB, root / "tests" / "stubs", root / "tests", root) if p is not None]
