@@ -6,11 +6,13 @@ User errors print `<tool>: error: <what>` and exit 2, as argparse does; `--debug
 """
 
 import argparse
+import codecs
 import json
 import math
 import os
 import re
 import shutil
+import string
 import sys
 import uuid
 from pathlib import Path
@@ -20,6 +22,7 @@ from openrlhf_lsc.serve_rm import RewardServerError
 
 USER_ERRORS = (ValueError, RewardServerError)
 DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".py")
+NEWLINE = b"\n"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
 
 
@@ -122,7 +125,7 @@ def listed(kind: Callable[[str], object], what: str = "values") -> Callable[[str
             try:
                 out.append(kind(v))
             except argparse.ArgumentTypeError as e:
-                raise argparse.ArgumentTypeError(f"item {v!r} of {text!r}: {e}") from None
+                raise argparse.ArgumentTypeError(f"item {v!r} of {text!r}: {e}" if len(items) > 1 else str(e)) from None
         return out
 
     return parse
@@ -142,12 +145,12 @@ def check_template(flag: str, template: Optional[str]) -> None:
     if template is None:
         return
     try:
-        filled = template.format("\x00")
-    except (IndexError, KeyError, ValueError) as e:
-        raise ValueError(f"{flag} {template!r} is not a format string with one {{}} ({e}); "
-                         "write literal braces as {{ and }}") from None
-    if filled.count("\x00") != 1:
-        raise ValueError(f"{flag} {template!r} must contain {{}} once, where the prompt goes, e.g. 'User: {{}}\\nAssistant: '")
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"{flag} {template!r} is not a format string ({e}); write literal braces as {{{{ and }}}}") from None
+    if fields != [""]:
+        raise ValueError(f"{flag} {template!r} must contain {{}} exactly once, where the prompt goes "
+                         f"(found {len(fields)} fields), e.g. 'User: {{}}\\nAssistant: '")
 
 
 def check_dataset(flag: str, value: str) -> None:
@@ -163,8 +166,27 @@ def check_dataset(flag: str, value: str) -> None:
                 raise ValueError(f"{flag}: {path} is empty")
             if not os.access(path, os.R_OK):
                 raise ValueError(f"{flag}: {path} is not readable")
+            if path.lower().endswith((".json", ".jsonl", ".csv")):
+                check_utf8(flag, path)
         elif not os.path.exists(path) and not HUB_ID.match(path):
             raise ValueError(f"{flag}: no such file or folder {path} (and not a Hugging Face dataset id owner/name)")
+
+
+def check_utf8(flag: str, path: str) -> None:
+    """A text file must be UTF-8 (`datasets` would load other bytes and fail later, far from the file)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                where = f"line {line + e.object[: e.start].count(NEWLINE)}"
+                raise ValueError(f"{flag}: {path} is not UTF-8 text ({e.reason} on {where}); save it as UTF-8") from None
+            if not chunk:
+                return
+            line += chunk.count(NEWLINE)
 
 
 def check_model(flag: str, path: str) -> None:
@@ -178,7 +200,7 @@ def check_model(flag: str, path: str) -> None:
         raise ValueError(f"{flag}: no such model folder {path} (and not a Hugging Face model id owner/name)")
 
 
-def check_reward_model(flag: str, path: str, value_head_prefix: str = "score") -> None:
+def check_reward_model(flag: str, path: str, value_head_prefix: str = "score", prefix_flag: str = "--ds.value_head_prefix") -> None:
     """A local reward-model checkpoint must hold the value head `<prefix>.weight`: a causal LM given instead
     would load with a randomly initialised head and score noise."""
     check_model(flag, path)
@@ -192,7 +214,7 @@ def check_reward_model(flag: str, path: str, value_head_prefix: str = "score") -
         raise ValueError(
             f"{flag}: {path} has no value head '{value_head_prefix}.weight' (top-level weights: {heads[:6]}): "
             "it is not a reward model (a causal LM would get a random head); give a reward-model checkpoint "
-            "or set --ds.value_head_prefix / --score.value_head_prefix to its head's name"
+            f"or set {prefix_flag} to its head's name"
         )
 
 
@@ -230,8 +252,10 @@ def check_output_dir(flag: str, path: str) -> None:
     parent = p.parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag}: cannot create {path}: {parent} is not a writable folder")
+    if not parent.is_dir():
+        raise ValueError(f"{flag}: cannot create {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: cannot create {path}: {parent} is not writable")
 
 
 # ---------------------------------------------------------------------------------------- output sets

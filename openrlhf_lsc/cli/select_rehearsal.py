@@ -92,7 +92,7 @@ def check_args(args) -> Optional[ServeRMClient]:
     except ValueError as e:
         raise ValueError(f"--encoder.model: {e}") from None
     if s.model:
-        check_reward_model("--score.model", s.model, s.value_head_prefix)
+        check_reward_model("--score.model", s.model, s.value_head_prefix, "--score.value_head_prefix")
     check_output_dir("--output.dir", args.output.dir)
     if s.url:
         try:

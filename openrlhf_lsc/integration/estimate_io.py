@@ -14,6 +14,7 @@ OpenRLHF, vLLM and Ray are imported inside the functions that need them (openrlh
 which only GPU installs have; CPU tests put a stand-in on the path).
 """
 
+import logging
 import math
 from types import SimpleNamespace
 from typing import Any, List, Optional, Tuple
@@ -58,19 +59,24 @@ def load_rows(dataset: str, flag: str, split: str = "train", max_count: int = in
     from openrlhf.datasets.utils import blending_datasets
 
     quiet = SimpleNamespace(print=lambda *a, **k: None, is_rank_0=lambda: False, args=SimpleNamespace(use_ms=False))
+    log = logging.getLogger("datasets")  # its loaders log the errors we report below, in one line
+    level = log.level
+    log.setLevel(logging.CRITICAL)
     try:
         rows = blending_datasets(dataset, None, quiet, max_count=max_count, dataset_split=split)
     except UnicodeDecodeError as e:
         raise ValueError(f"{flag} {dataset}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except StopIteration:  # what `datasets` raises on an empty file
         raise ValueError(f"{flag} {dataset}: no rows") from None
-    except AttributeError as e:  # blending_datasets calls .select on a DatasetDict without that split
-        raise ValueError(f"{flag} {dataset}: no split {split!r} ({e})") from None
+    except AttributeError:  # blending_datasets calls .select on a DatasetDict without that split
+        raise ValueError(f"{flag} {dataset}: no split {split!r}") from None
     except Exception as e:  # datasets' own errors: name the file and the underlying reason
         cause = e.__cause__ or e.__context__ or e
         if isinstance(cause, UnicodeDecodeError):
             raise ValueError(f"{flag} {dataset}: not UTF-8 text ({cause.reason} at byte {cause.start})") from None
         raise ValueError(f"{flag} {dataset}: cannot load it as a dataset: {_first_line(cause)}") from None
+    finally:
+        log.setLevel(level)
     if not isinstance(rows, Dataset):
         raise ValueError(f"{flag} {dataset}: no split {split!r}")
     if len(rows) == 0:
