@@ -207,3 +207,26 @@ def test_cli_scores_with_a_reward_model_like_hf_does(tmp_path, tiny_rm):
     assert want.std() > 0.3
     np.testing.assert_allclose(got, want, atol=0.05 * want.std() + 0.02)  # the tool scores in bf16
     assert np.argsort(got).tolist() == np.argsort(want).tolist() or np.corrcoef(got, want)[0, 1] > 0.99
+
+
+def test_kill_9_during_the_output_phase_never_leaves_a_mixed_set(tmp_path):
+    """Runs killed at random file-system operations while writing the outputs (seeds 0..4, plus the first and last
+    operation): a reader of the output folder sees the previous complete set or the new one, never a mix."""
+    import subprocess
+    import sys
+
+    data = _write(tmp_path / "sft.jsonl", _topic_rows())
+    out = tmp_path / "out"
+    base = ["--data.dataset", str(data), "--select.n_clusters", "3", "--score.key", "am", "--output.dir", str(out)]
+    old = base + ["--select.rehearsal_k", "1", "--select.ppo_fraction", "0.5"]
+    new = base + ["--select.rehearsal_k", "2", "--select.ppo_fraction", "0.25"]
+    driver = Path(__file__).with_name("select_kill_driver.py")
+    proc = subprocess.run([sys.executable, str(driver), str(out), "5", json.dumps(old), json.dumps(new)],
+                          capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["total_ops"] > 20  # the output phase has many steps to be killed at
+    assert all(k["code"] == -9 for k in result["kills"]), result["kills"]  # every run was really killed
+    assert all(k["set"] in ("old", "new") for k in result["kills"]), result["kills"]
+    assert {k["set"] for k in result["kills"]} == {"old", "new"}  # early kills keep the old set, late ones the new
+    assert result["leftovers"] == [result["current"]]  # the next run cleaned up after the killed ones
