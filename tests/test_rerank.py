@@ -72,6 +72,20 @@ def test_rerank_matches_numpy(case):
     np.testing.assert_array_equal(chosen.numpy(), first_max(expected))
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(-12, 12).map(lambda v: v / 4), min_size=5, max_size=5), min_size=1, max_size=4),
+       st.sampled_from(["label", "group", "constant"]))
+def test_one_reward_model_every_monotone_transform_picks_the_same(rows, reference):
+    # With one RM and a per-prompt reference, raw, center, lsc, sigmoid, logsigmoid are monotone in r: same argmax.
+    scores = torch.tensor(rows, dtype=torch.float64)[:, :, None]
+    extra = {"label": {}, "group": {"quantile": 0.5}, "constant": {"reference_value": (0.3,)}}[reference]
+    labels = [{"a": {"reference": 0.25 * i}} for i in range(len(rows))] if reference == "label" else None
+    picks = {t: rerank(scores, RewardSpec(names=("a",), transform=t, reference=reference, **extra), labels)[0].tolist()
+             for t in ("raw", "center", "lsc", "sigmoid", "logsigmoid")}
+    assert len({tuple(p) for p in picks.values()}) == 1, picks
+    assert picks["raw"] == first_max(np.array(rows)).tolist()
+
+
 def test_ties_pick_the_first_candidate():
     spec = RewardSpec(names=("a",))
     scores = torch.tensor([[[1.0], [1.0], [1.0]], [[0.0], [2.0], [2.0]], [[3.0], [1.0], [3.0]]])
