@@ -57,7 +57,8 @@ def compile_patterns(patterns: Sequence[str]) -> Dict[str, "re.Pattern"]:
 
     Args:
         patterns: items of `--lsc.monitor.patterns`; the text before the first `=` is a name when it looks like one
-            (letters, digits, `_.-`), so `(?=x)` stays a bare regex.
+            (letters, digits, `_.-`), so `(?=x)` stays a bare regex. Compiled with `re.MULTILINE`: `^` and `$`
+            match at every line of a response.
 
     Returns:
         name -> compiled pattern, in the given order.
