@@ -341,7 +341,9 @@ def bad_argv(setup, tmp_path, *extra):
         (["--rm.names", "A,B"], "--rm.names has 2 names for 3 --rm.paths"),
         (["--lsc.reference", "label", "--data.label_key", "refs"], "reads the field 'refs' \\(--data.label_key\\)"),
         (["--output.response_key", "uid"], "already have a field 'uid'"),
-        (["--output.shard_size", "0"], "--output.shard_size must be >= 1"),
+        (["--output.shard_size", "0"], "--output.shard_size: expected an integer >= 1"),
+        (["--rm.paths", "/no/such/rm", "--rm.names", "A"], "--rm.paths: no such model folder /no/such/rm"),
+        (["--lsc.weights", "-1,nan,2", "--lsc.aggregate", "weighted"], "--lsc.weights: item 'nan'"),
     ],
 )
 def test_cli_bad_input_is_one_line_before_any_model_loads(setup, tmp_path, monkeypatch, capsys, extra, message):
