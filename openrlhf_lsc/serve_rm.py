@@ -22,7 +22,16 @@ from typing import Any, List, Optional, Sequence
 
 
 class RewardServerError(RuntimeError):
-    """A reward server could not be reached or gave an unusable answer (message names URL and model)."""
+    """A reward server could not be reached or gave an unusable answer (the message names URL and model).
+
+    `transient` is True when the server could not be reached or kept failing (connection errors, timeouts,
+    HTTP 5xx, after the retries): trying later may work. False when it answered and refused the request
+    (HTTP 4xx) or its answer was unusable.
+    """
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class ServeRMClient:
@@ -83,8 +92,8 @@ class ServeRMClient:
         self.url, self.name = url, name or parsed.netloc
         self.batch_size, self.timeout, self.retries, self.backoff = batch_size, float(timeout), retries, float(backoff)
 
-    def _fail(self, what: str) -> RewardServerError:
-        return RewardServerError(f"reward model {self.name!r} at {self.url}: {what}")
+    def _fail(self, what: str, transient: bool = False) -> RewardServerError:
+        return RewardServerError(f"reward model {self.name!r} at {self.url}: {what}", transient)
 
     def _post(self, payload: dict) -> Any:
         data = json.dumps(payload).encode()
@@ -111,7 +120,7 @@ class ServeRMClient:
             if attempt + 1 < attempts:
                 time.sleep(min(self.backoff * 2**attempt, 30.0))
         else:
-            raise self._fail(f"{last}, {attempts} attempt(s) over {self.retries} retries") from None
+            raise self._fail(f"{last}, {attempts} attempt(s)", transient=True) from None
         try:
             return json.loads(body)
         except (ValueError, UnicodeDecodeError):

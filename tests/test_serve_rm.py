@@ -93,14 +93,14 @@ def test_always_500_fails_after_bounded_retries_naming_url_and_model(server):
     # Backoff 0.05 + 0.1 + 0.2 = 0.35 s of sleeping; the stated bound for this test is 5 s.
     assert 0.35 <= elapsed < 5.0
     assert s.url in str(e.value) and "'helpful'" in str(e.value) and "HTTP 500" in str(e.value)
-    assert "4 attempt(s)" in str(e.value)
+    assert "4 attempt(s)" in str(e.value) and e.value.transient
 
 
 def test_4xx_is_not_retried(server):
     s = server(lambda p, n: (422, {"detail": "field required"}))
     with pytest.raises(RewardServerError, match=r"HTTP 422 .*not retried.*field required") as e:
         ServeRMClient(s.url, name="rm", retries=5, backoff=0.01).score(["a"])
-    assert len(s.seen) == 1 and s.url in str(e.value)
+    assert len(s.seen) == 1 and s.url in str(e.value) and not e.value.transient
 
 
 def test_hanging_server_times_out(server):
@@ -153,7 +153,7 @@ def test_unusable_answers_are_refused_without_retry(server, body, match):
     s = server(lambda p, n: (200, body))
     with pytest.raises(RewardServerError, match=match) as e:
         ServeRMClient(s.url, name="rm", retries=3, backoff=0.01).score(["q"])
-    assert s.url in str(e.value) and len(s.seen) == 1
+    assert s.url in str(e.value) and len(s.seen) == 1 and not e.value.transient
 
 
 @pytest.mark.parametrize(
