@@ -18,9 +18,9 @@ HERE = Path(__file__).resolve().parent
 SELFTEST = os.environ.get("LSC_GPU_SELFTEST") == "cpu"
 DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if SELFTEST else None)
 NO_CUDA = "no CUDA device (torch.cuda.is_available() is False): the GPU suite needs one"
-RAY_STUB = HERE / "stubs" if importlib.util.find_spec("ray") is None else None  # the GPU check machine has no Ray
-if RAY_STUB:
-    sys.path.append(str(RAY_STUB))
+# Test-only stand-ins for packages the GPU check machine lacks (tests/gpu/stubs/<name>/<name>), used only then.
+STAND_INS = [HERE / "stubs" / name for name in ("ray", "datasets") if importlib.util.find_spec(name) is None]
+sys.path.extend(map(str, STAND_INS))
 
 _skipped = []
 
@@ -46,6 +46,6 @@ def device():
 
 @pytest.fixture(scope="session")
 def step_path():
-    """sys.path of a gpu_steps process: this folder, the Ray stand-in if needed, the test stubs, tests/, the repo."""
+    """sys.path of a gpu_steps process: this folder, the stand-ins needed here, the test stubs, tests/, the repo."""
     root = HERE.parents[1]
-    return [p for p in (HERE, RAY_STUB, root / "tests" / "stubs", root / "tests", root) if p is not None]
+    return [HERE, *STAND_INS, root / "tests" / "stubs", root / "tests", root]
