@@ -67,15 +67,24 @@ def parse_ppo(argv: list, monkeypatch) -> object:
     import openrlhf.utils
     import ray
 
+    from openrlhf_lsc import integration
     from openrlhf_lsc.cli import train_ppo_ray as cli
 
-    def stop(args):
-        raise Parsed(args)
+    def stop(*args):
+        raise Parsed(args[-1])
 
     monkeypatch.setattr(sys, "argv", list(sys.argv))
-    monkeypatch.setattr(cli, "_init_ray", lambda: None)
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # stock train() would start Ray first ...
-    monkeypatch.setattr(openrlhf.utils, "get_strategy", stop)  # ... then build the strategy: stop there
+    # where the CLI hands over to training: stock's train (through its first call, get_strategy, behind a
+    # started Ray), or the plugin's train functions; whichever this version of the CLI has
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(openrlhf.utils, "get_strategy", stop)
+    if hasattr(cli, "_init_ray"):
+        monkeypatch.setattr(cli, "_init_ray", lambda: None)
+    if hasattr(integration, "StockCLI"):
+        from openrlhf_lsc.integration import ppo
+
+        monkeypatch.setattr(integration.StockCLI, "train", stop)
+        monkeypatch.setattr(ppo, "train", stop)
     with pytest.raises(Parsed) as parsed:
         cli.main(argv)
     return parsed.value.namespace
@@ -84,13 +93,16 @@ def parse_ppo(argv: list, monkeypatch) -> object:
 def parse_rm(argv: list, monkeypatch) -> object:
     import openrlhf.utils
 
+    from openrlhf_lsc import integration
     from openrlhf_lsc.cli import train_rm as cli
 
-    def stop(args):
-        raise Parsed(args)
+    def stop(*args):
+        raise Parsed(args[-1])
 
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     monkeypatch.setattr(openrlhf.utils, "get_strategy", stop)
+    if hasattr(integration, "StockCLI"):
+        monkeypatch.setattr(integration.StockCLI, "train", stop)
     with pytest.raises(Parsed) as parsed:
         cli.main(argv)
     return parsed.value.namespace
