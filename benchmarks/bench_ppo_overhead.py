@@ -79,19 +79,28 @@ def maker(estimator: str, n: int, plugin: bool, lsc):
 
 
 def lsc_config(estimator: str, n: int):
-    """`args.lsc` as the plugin CLI builds it from FLAGS (its own resolve; no reward model is loaded)."""
+    """`args.lsc` as the plugin CLI builds it from FLAGS (its own parsing and checks; no model is loaded)."""
     import contextlib
 
-    from openrlhf_lsc.cli.train_ppo_ray import _namespace, build_parser, resolve
+    from openrlhf_lsc.cli import train_ppo_ray as cli
 
-    flat, rest = build_parser().parse_known_args(FLAGS + ["--lsc.reward_models", "/rm/helpful,/rm/harmless"])
-    stock = SimpleNamespace(
-        reward=SimpleNamespace(model_name_or_path=None, remote_url=None, clip_range=(-10, 10), stop_properly_penalty_coef=None),
-        data=SimpleNamespace(label_key="lsc_ref"), rollout=SimpleNamespace(n_samples_per_prompt=n),
-        algo=SimpleNamespace(advantage=SimpleNamespace(estimator=estimator)),
-    )
+    argv = FLAGS + ["--lsc.reward_models", ",".join(NAMES), "--actor.model_name_or_path", "sft",
+                    "--algo.advantage.estimator", estimator, "--rollout.n_samples_per_prompt", str(n)]
     with contextlib.redirect_stdout(io.StringIO()):  # its notes about the flags
-        return resolve(_namespace(flat), stock)
+        if hasattr(cli, "stock_cli"):  # the CLI built on stock's own parser and checks
+            stock = cli.stock_cli()
+            flat = stock.parse(argv)
+            lsc = {k[4:]: flat.pop(k) for k in list(flat) if k.startswith("lsc.")}
+            flat["reward.model_name_or_path"] = lsc.pop("reward_models")
+            return cli.resolve(lsc, stock.check(flat))
+        flat, _ = cli.build_parser().parse_known_args(argv)
+        stock = SimpleNamespace(
+            reward=SimpleNamespace(model_name_or_path=None, remote_url=None, clip_range=(-10, 10),
+                                   stop_properly_penalty_coef=None),
+            data=SimpleNamespace(label_key="lsc_ref"), rollout=SimpleNamespace(n_samples_per_prompt=n),
+            algo=SimpleNamespace(advantage=SimpleNamespace(estimator=estimator)),
+        )
+        return cli.resolve(cli._namespace(flat), stock)
 
 
 def timed(fn, m, exps, device):

@@ -34,8 +34,27 @@ class Parsed(Exception):
         self.namespace = args
 
 
+def user_files(root: Path) -> dict:
+    """The examples' path variables pointed at files and model folders that exist (the CLIs check local paths)."""
+    paths = {}
+    for var in ("SFT", "RM", "RM_HELPFUL", "RM_HARMLESS", "MODEL"):
+        paths[var] = root / "models" / var.lower()
+        paths[var].mkdir(parents=True, exist_ok=True)
+        (paths[var] / "config.json").write_text("{}")
+    paths["SPLIT"] = root / "split"
+    for var, path in (("PROMPTS", root / "refs" / "references.jsonl"), ("DATASET", root / "prefs" / "train.jsonl"),
+                      ("EVAL_DATASET", root / "prefs" / "eval.jsonl"), (None, paths["SPLIT"] / "ppo_prompts.jsonl"),
+                      (None, paths["SPLIT"] / "rehearsal.jsonl")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text('{"input": "x", "output": "y"}\n')
+        if var:
+            paths[var] = path
+    paths["OUT"] = root / "out"
+    return {k: str(v) for k, v in paths.items()}
+
+
 def record(script: str, tmp_path: Path, *extra: str) -> list:
-    """Run examples/<script> with the launchers recorded; return their argv lists."""
+    """Run examples/<script> with the launchers recorded and its paths set to existing files; return the argv lists."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for tool in ("python", "deepspeed", "ray"):
@@ -43,7 +62,8 @@ def record(script: str, tmp_path: Path, *extra: str) -> list:
         path.write_text(RECORDER.format(python=sys.executable))
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
     log = tmp_path / f"{script}.jsonl"
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", LSC_RECORD=str(log))
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", LSC_RECORD=str(log),
+               **user_files(tmp_path / "user"))
     subprocess.run(["bash", str(EXAMPLES / script), *extra], check=True, env=env, cwd=ROOT)
     return [json.loads(line) for line in log.read_text().splitlines()]
 
@@ -172,7 +192,9 @@ def test_ppo_example_parses_and_fits_its_gpus(script, gpus, tmp_path, monkeypatc
     # the roles really share the GPUs: 5 roles at 0.2 on each (actor, reference, critic, reward, vLLM)
     assert plan == {"actor+ref": [pytest.approx(1.0)] * gpus}
     if script == "ppo_lsc_helpful_harmless.sh":
-        assert args.lsc.reward_names == ["helpful", "harmless"] and args.lsc.transform == "lsc"
+        spec = getattr(args.lsc, "spec", None) or args.lsc  # the RewardSpec, or the flags themselves
+        names = getattr(spec, "names", None) or getattr(spec, "reward_names", None)
+        assert list(names) == ["helpful", "harmless"] and spec.transform == "lsc"
     if script == "ppo_rehearsal_gpu.sh":
         assert args.lsc.rehearsal.dataset.endswith("rehearsal.jsonl") and args.lsc.rehearsal.coef == 0.01
 
@@ -203,7 +225,7 @@ def test_gpu_arithmetic_catches_the_old_ten_gpu_layout(monkeypatch):
     """The layout the examples had (2+2+2+2 GPUs + 2 vLLM engines, nothing colocated) does not fit 8 GPUs."""
     argv = ["--actor.num_gpus_per_node", "2", "--ref.num_gpus_per_node", "2", "--critic.num_gpus_per_node", "2",
             "--reward.num_gpus_per_node", "2", "--vllm.num_engines", "2", "--actor.model_name_or_path", "m",
-            "--lsc.reward_models", "/rm", "--algo.kl.init_coef", "0.01"]
+            "--lsc.reward_models", "rm", "--algo.kl.init_coef", "0.01"]
     plan = gpu_plan(parse_ppo(argv, monkeypatch))
     assert sum(len(g) for g in plan.values()) == 10
     with pytest.raises(AssertionError, match="needs 10 GPUs"):
