@@ -271,7 +271,7 @@ def test_failed_scores_become_error_records_never_missing_references():
         references_from_labels([labels[2]], ["h", "c"], "ref")
 
 
-def test_score_error_fails_the_calls_prompts_retryably_and_the_run_goes_on():
+def test_score_error_fails_only_the_prompts_that_fail_alone_retryably_and_the_run_goes_on():
     table = {(p, f"r{j}"): float(j) for p in ("a", "b") for j in range(3)}
 
     def flaky(prompts, responses):
@@ -283,6 +283,15 @@ def test_score_error_fails_the_calls_prompts_retryably_and_the_run_goes_on():
     assert [(lab["bad"]["error"], lab["bad"]["retry"]) for lab in labels] == [
         ("server answered nonsense", True), ("server answered nonsense", True), ("empty prompt", False)]
     assert report["rms"]["bad"]["errors"] == 3
+
+    def picky(prompts, responses):  # refuses any call that includes prompt "b"
+        if "b" in prompts:
+            raise estimate.ScoreError("cannot score b")
+        return table_rm(table)(prompts, responses)
+
+    labels, _ = estimate.estimate_references(["a", "b"], fixed_sampler(3), {"rm": picky}, method="quantile", q=0.5, k=3)
+    assert labels[0]["rm"]["reference"] == 1.0  # the whole call failed, then "a" alone succeeded
+    assert (labels[1]["rm"]["reference"], labels[1]["rm"]["error"], labels[1]["rm"]["retry"]) == (None, "cannot score b", True)
 
 
 def test_sampler_and_reward_fn_returning_wrong_counts_raise():
@@ -411,7 +420,7 @@ def test_cli_end_to_end(cli_setup, e2e, models):
     assert sorted(r["uid"] for r in good + bad) == sorted(r["uid"] for r in cli_setup.rows)
     assert [r["uid"] for r in bad] == ["empty", "fail"]
     assert bad[0][key]["A"]["error"] == "empty prompt" and bad[0][key]["A"]["retry"] is False
-    # The server answered null for FAIL's queries: those prompts fail for that RM, retryably, and the run goes on.
+    # The server answered null for FAIL's queries: that prompt fails for that RM, retryably, and the run goes on.
     judge = bad[1][key]["judge"]
     assert "reward model 'judge' at http://127.0.0.1" in judge["error"] and "is None" in judge["error"]
     assert judge["retry"] is True and bad[1][key]["A"]["reference"] is not None
