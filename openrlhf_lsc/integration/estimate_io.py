@@ -71,6 +71,40 @@ def load_prompts(
     return rows, prompts, ids
 
 
+def load_rows(dataset: str, split: str = "train") -> list:
+    """Rows of a dataset as `train_ppo_ray --data.prompt_dataset` reads it (JSONL/JSON/CSV/parquet, folder)."""
+    from openrlhf.datasets.utils import blending_datasets
+
+    quiet = SimpleNamespace(print=lambda *a, **k: None, is_rank_0=lambda: False, args=SimpleNamespace(use_ms=False))
+    return blending_datasets(dataset, None, quiet, dataset_split=split).to_list()
+
+
+def format_pairs(rows: list, input_key: str, output_key: str, input_template: Optional[str] = None,
+                 tokenizer: Any = None, apply_chat_template: bool = False):
+    """(prompt, response) texts as OpenRLHF's SFT data formats them, response ending in EOS.
+
+    Args:
+        rows: dataset rows with `input_key` (prompt) and `output_key` (expert/SFT response).
+        input_template, apply_chat_template: as `--data.input_template` / `--data.apply_chat_template`
+            (the chat template is `tokenizer`'s).
+        tokenizer: supplies the chat template, or without one the EOS text appended to each response
+            (PPO's responses end in EOS; a chat template ends the turn itself); None appends nothing.
+
+    Returns:
+        (prompts, responses): two lists of strings.
+    """
+    from openrlhf.datasets.sft_dataset import preprocess_data
+
+    template = tokenizer.apply_chat_template if apply_chat_template else None
+    eos = "" if template else getattr(tokenizer, "eos_token", None) or ""
+    prompts, responses = [], []
+    for row in rows:
+        prompt, response = preprocess_data(row, None if template else input_template, input_key, output_key, template)
+        prompts.append(prompt)
+        responses.append(response if response.endswith(eos) else response + eos)
+    return prompts, responses
+
+
 def _eos_ids(model: Any, tokenizer: Any) -> List[int]:
     eos = getattr(model.generation_config, "eos_token_id", None)
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
