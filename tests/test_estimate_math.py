@@ -488,10 +488,14 @@ def test_estimate_references_defaults():
     n = 12
     X, _ = _learned_records(n)
     table = {(f"p{i}", f"r{j}"): float(X[i, 0] + j) for i in range(n) for j in range(4)}
+    sampler = sampler_of(4)
     run = lambda **kw: estimate.estimate_references(  # noqa: E731
-        [f"p{i}" for i in range(n)], sampler_of(4), {"h": table_rm(table)}, method="learned", k=4, features=X,
+        [f"p{i}" for i in range(n)], sampler, {"h": table_rm(table)}, method="learned", k=4, features=X,
         num_learned_prompts=10, **kw)
     default = run()
+    sampled = sampler.calls[0][0]
+    assert len(sampled) == 10 and sum(lab["h"]["k"] == 4 for lab in default[0]) == 10  # the learned subset only
+    assert sampled == [f"p{i}" for i, s in enumerate(estimate.sampled_mask(n, {"h": "learned"}, 10, 0)) if s]
     assert default == run(seed=0, holdout=0.1) and default != run(seed=1)
     assert default[1]["rms"]["h"]["learned"]["holdout_prompts"] == 1
 
