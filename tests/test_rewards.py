@@ -143,8 +143,8 @@ def test_every_transform_against_numpy(dtype):
         u = transform_reward(r, ref, kind)
         assert u.dtype == dtype and u.shape == r.shape
         np.testing.assert_allclose(u.double().numpy(), expected, rtol=tol, atol=tol)
-        agg = aggregate_rewards(r, ref, kind, "weighted", [0.5, -2.0])
-        np.testing.assert_allclose(agg.double().numpy(), expected @ np.array([0.5, -2.0]), rtol=tol, atol=10 * tol)
+        agg = aggregate_rewards(r, ref, kind, "weighted", [0.1, -2.3])  # weights in the utilities' precision
+        np.testing.assert_allclose(agg.double().numpy(), expected @ np.array([0.1, -2.3]), rtol=tol, atol=10 * tol)
     assert transform_reward(r, None, "logsigmoid").tolist() == transform_reward(r, ref, "logsigmoid").tolist()
 
 
