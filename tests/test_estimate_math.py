@@ -498,6 +498,7 @@ def test_estimate_references_defaults():
     assert sampled == [f"p{i}" for i, s in enumerate(estimate.sampled_mask(n, {"h": "learned"}, 10, 0)) if s]
     assert default == run(seed=0, holdout=0.1) and default != run(seed=1)
     assert default[1]["rms"]["h"]["learned"]["holdout_prompts"] == 1
+    assert run(holdout=0.5)[1]["rms"]["h"]["learned"]["holdout_prompts"] == 5
 
 
 def test_estimate_references_spreads_and_checks_per_model_settings():
