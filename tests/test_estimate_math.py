@@ -426,6 +426,8 @@ def test_learned_labels_follow_the_documented_split_and_fit():
         "alpha_std": pytest.approx(a_std), "holdout_mae": pytest.approx(np.abs(ref[hold] - empirical).mean(), rel=1e-7),
         "holdout_spearman": pytest.approx(stats.spearmanr(ref[hold], empirical)[0], abs=1e-9)}
     assert (len(train), n_hold) == (18, 5)
+    # features as nested Python lists: read as float64, not rounded to torch's default float32
+    assert estimate.finish(records, {"h": "learned"}, {"h": 0.8}, features=X.tolist(), holdout=holdout, seed=seed)[0] == labels
 
 
 @pytest.mark.parametrize("holdout, n_hold, spearman", [(0.0, 0, "absent"), (0.4, 2, None), (0.6, 3, "value")])
