@@ -386,3 +386,10 @@ def test_metrics_per_task_statistics_exactly():
 def test_metrics_refuse_bad_input(c, r, tasks, message):
     with pytest.raises(ValueError, match=message):
         pairwise_metrics(torch.tensor(c), torch.tensor(r), tasks)
+
+
+def test_ece_default_is_ten_bins():
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    c, r = torch.tensor([logit(0.548), 0.0], dtype=torch.float64), torch.tensor([0.0, logit(0.552)], dtype=torch.float64)
+    # ten bins put confidence 0.548 (right) in bin 0 and 0.552 (wrong) in bin 1; eleven would share one bin
+    assert pairwise_metrics(c, r)["ece"] == pytest.approx((abs(1 - 0.548) + abs(0 - 0.552)) / 2, abs=1e-12)
