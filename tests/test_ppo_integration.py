@@ -304,30 +304,59 @@ def test_reward_actor_scores_with_k_models(openrlhf_modules):
     torch.testing.assert_close(out, torch.tensor([[6.0, -12.0], [15.0, -30.0]]))
 
 
-class _Stop(Exception):
+SHIPPED_TRAINER = r'''
+import json, pickle, sys
+from types import SimpleNamespace
+import torch
+from openrlhf.trainer.ppo_utils.experience import Experience
+import openrlhf.trainer.ppo_utils.experience_maker as em
+from openrlhf_lsc.integration import setup_worker
+from openrlhf_lsc.rewards import RewardSpec
+
+setup_worker()  # as in a Ray worker: the setup hook first, then the actor class the driver shipped
+with open(sys.argv[1], "rb") as f:
+    cls = pickle.load(f)
+maker = em.RemoteExperienceMaker.__new__(em.RemoteExperienceMaker)
+maker.advantage_estimator, maker.kl_ctl = "reinforce", SimpleNamespace(value=0.0)
+maker.strategy = SimpleNamespace(args=SimpleNamespace(
+    rollout=SimpleNamespace(n_samples_per_prompt=1), reward=SimpleNamespace(clip_range=None),
+    algo=SimpleNamespace(advantage=SimpleNamespace(estimator="reinforce", gamma=1.0, lambd=1.0, no_std_norm=False)),
+    lsc=SimpleNamespace(spec=RewardSpec(names=("rm",)), extra_logs=False, dump_rewards=sys.argv[2])))
+
+class Stop(Exception):
     pass
+
+def decode(*a, **k):
+    raise Stop  # train_step's next move after making experiences: enough has run
+
+fake = SimpleNamespace(experience_maker=SimpleNamespace(make_experience_batch=maker.compute_advantages_and_returns),
+                       tokenizer=SimpleNamespace(decode=decode))
+for global_step in (41, 42):
+    exps = [Experience(index=[0, 1], rewards=torch.tensor([1.0, 2.0]), labels=["", ""], prompts=["p", "q"],
+                       action_mask=torch.ones(2, 3), kl=torch.zeros(2, 3), values=torch.zeros(2, 3),
+                       sequences=torch.ones(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 4, dtype=torch.long),
+                       info={})]
+    try:
+        cls.train_step(fake, exps, global_step)
+    except Stop:
+        pass
+print("steps", [json.loads(line)["step"] for line in open(sys.argv[2])])
+'''
 
 
 @pytest.mark.parametrize("trainer", ["sync", "async"])
 def test_step_number_is_openrlhfs_global_step_so_it_survives_a_resume(openrlhf_modules, trainer, tmp_path):
     """The dump's step is the global step OpenRLHF logs for the rollout (train_step's global_step + 1): a run
-    resumed at step 41 continues with 42, for PPOTrainer (sync) and the async TrainingActor."""
+    resumed at step 41 continues with 42, for PPOTrainer (sync) and the async TrainingActor. The trainer's actor
+    class runs as Ray ships it: pickled by value (cloudpickle) in the driver, loaded in another process."""
     from openrlhf.trainer import ppo_trainer, ppo_trainer_async
+    from ray import cloudpickle
 
-    em, Experience = openrlhf_modules
-    cls = (ppo_trainer.PPOTrainer if trainer == "sync" else ppo_trainer_async.TrainingActor).__ray_metadata__.modified_class
-    dump = tmp_path / "dump.jsonl"
-    maker = make_maker(em, "reinforce", 1, lsc=lsc_config(str(dump), names=("rm",)))
-
-    def decode(*a, **k):
-        raise _Stop  # train_step's next move after making experiences: enough has run
-
-    fake = SimpleNamespace(experience_maker=SimpleNamespace(make_experience_batch=maker.compute_advantages_and_returns),
-                           tokenizer=SimpleNamespace(decode=decode))
-    for global_step in (41, 42):
-        with pytest.raises(_Stop):
-            cls.train_step(fake, experiences(Experience, torch.tensor([1.0, 2.0]), ["", ""], [0, 1], [2]), global_step)
-    assert [json.loads(line)["step"] for line in dump.read_text().splitlines()] == [42, 42, 43, 43]
+    actor = ppo_trainer.PPOTrainer if trainer == "sync" else ppo_trainer_async.TrainingActor
+    (tmp_path / "cls.pkl").write_bytes(cloudpickle.dumps(actor.__ray_metadata__.modified_class))
+    out = subprocess.run([sys.executable, "-c", SHIPPED_TRAINER, str(tmp_path / "cls.pkl"), str(tmp_path / "d.jsonl")],
+                         capture_output=True, text=True, timeout=600)
+    assert "steps [42, 42, 43, 43]" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
 
 
 def test_setup_hook_registers_without_initialising_cuda():
@@ -363,3 +392,36 @@ def test_version_outside_the_supported_range_is_refused(monkeypatch):
     monkeypatch.setattr(integration, "version", lambda name: "0.12.0")
     with pytest.raises(RuntimeError, match=r"supports OpenRLHF >=0.11.2,<0.12 but found 0.12.0"):
         integration.check_openrlhf_version()
+
+
+AUTOLOAD_CHECK = r'''
+import os, sys, ray
+from openrlhf_lsc.integration import registered
+
+ray.init(num_cpus=2, include_dashboard=False)  # no worker_process_setup_hook
+env = {"PYTHONPATH": os.environ["PYTHONPATH"]}
+on = ray.remote(registered).options(runtime_env={"env_vars": {**env, "OPENRLHF_LSC_AUTOLOAD": "1"}})
+off = ray.remote(registered).options(runtime_env={"env_vars": env})
+print("autoload:", ray.get(on.remote()), ray.get(off.remote()))
+'''
+
+
+def test_autoloader_registers_in_ray_workers_only_when_asked(tmp_path):
+    """`python -m openrlhf_lsc.integration.autoload install` + OPENRLHF_LSC_AUTOLOAD=1: Ray workers started without
+    the setup hook have the plugin; without the variable they do not. (The folder it installs into stands for
+    site-packages here: a sitecustomize makes it a site dir, so the shared environment is left alone.)"""
+    import os
+
+    from openrlhf_lsc.integration import autoload
+
+    site_dir, boot = tmp_path / "site", tmp_path / "boot"
+    site_dir.mkdir()
+    boot.mkdir()
+    autoload.main(["install", "--site", str(site_dir)])
+    assert (site_dir / autoload.PTH).read_text() == autoload.LINE
+    (boot / "sitecustomize.py").write_text(f"import site\nsite.addsitedir({str(site_dir)!r})\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(boot), os.environ["PYTHONPATH"]]))
+    out = subprocess.run([sys.executable, "-c", AUTOLOAD_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert "autoload: True False" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    autoload.main(["uninstall", "--site", str(site_dir)])
+    assert not (site_dir / autoload.PTH).exists()

@@ -63,11 +63,17 @@ def apply() -> None:
 
 def _wrap_train_step(original):
     def train_step(self, rollout_samples, global_step, **ray_kwargs):
-        global _step
-        _step = global_step + 1  # the step OpenRLHF logs for this rollout
+        _set_step(global_step + 1)  # the step OpenRLHF logs for this rollout
         return original(self, rollout_samples, global_step, **ray_kwargs)
 
     return train_step
+
+
+def _set_step(step: int) -> None:
+    # A module function, not `global` in the wrapper: Ray ships the trainer's actor class with this wrapper by value
+    # (cloudpickle), and a by-value function writes its globals into a copy; this function is shipped by name.
+    global _step
+    _step = step
 
 
 def _wrap_advantages(original):
