@@ -217,7 +217,7 @@ def test_bad_input_one_line_exit_2_nothing_started(extra, source, message, tmp_p
     out = capsys.readouterr()
     assert exit_info.value.code == 2
     lines = out.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{cli.PROG}: error: "), out.err
+    assert len(lines) == 1 and lines[0].startswith("train_ppo_ray: error: "), out.err
     assert message in lines[0] and "Traceback" not in out.err + out.out
     assert not ray.is_initialized()
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output file created
@@ -282,3 +282,16 @@ def test_named_rewards_of_a_reward_function_and_an_absolute_dump(monkeypatch, tm
 def test_rehearsal_alone_leaves_the_rewards_alone(monkeypatch, tmp_path, stock_module):
     args = run_plugin(_row_argv(["--lsc.rehearsal.dataset", "D_R"], None, tmp_path), monkeypatch, stock_module)
     assert args.lsc.spec is None and args.lsc.rehearsal.dataset == str(tmp_path / "d_r.jsonl")
+
+
+def test_a_changed_stock_main_block_fails_loudly(tmp_path, monkeypatch):
+    """The CLI runs stock's own parser statements and checks, read from its __main__ block: if OpenRLHF changes
+    that block's shape, the plugin refuses to guess."""
+    from openrlhf_lsc.integration import StockCLI
+
+    (tmp_path / "fake_stock_cli.py").write_text(
+        "import argparse\n\ndef train(args):\n    pass\n\nif __name__ == '__main__':\n"
+        "    parser = argparse.ArgumentParser()\n    args = parser.parse_args()\n    train(args)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"cannot read the __main__ block of .*fake_stock_cli.py.*OpenRLHF changed"):
+        StockCLI("fake_stock_cli", "x", "--x.", lambda parser: None)

@@ -97,7 +97,7 @@ def test_bad_input_one_line_exit_2_nothing_written(extra, message, tmp_path, mon
     out = capsys.readouterr()
     assert exit_info.value.code == 2
     lines = out.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{cli.PROG}: error: "), out.err
+    assert len(lines) == 1 and lines[0].startswith("train_rm: error: "), out.err
     assert message in lines[0] and "Traceback" not in out.err + out.out
     assert list(tmp_path.iterdir()) == []  # no output folder or file
 

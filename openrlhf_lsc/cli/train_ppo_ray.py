@@ -70,13 +70,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         r.add_argument(f"--lsc.rehearsal.{name}", type=kind, default=default, help=text)
 
 
-def _path_like(path: str) -> bool:
-    """A local path rather than a Hugging Face hub id (which cannot be checked offline)."""
-    return path.startswith(("/", "./", "../", "~")) or os.path.exists(path)
-
-
 def check_exists(path: str, flag: str) -> None:
-    if _path_like(path) and not os.path.exists(os.path.expanduser(path)):
+    """A local path must exist; anything else may be a Hugging Face hub id (not checked offline)."""
+    if path.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(path)):
         raise ValueError(f"{flag} {path}: no such file or directory")
 
 
@@ -162,7 +158,7 @@ def _reward_spec(flat: dict, args):
             name = "agent" if agent else os.path.splitext(os.path.basename(remote[0]))[0] if remote[0].endswith(".py") else "remote"
             names = [name]
         extra_logs = flat["reward_names"] is not None
-    elif local:
+    else:  # local reward models (main() refused a run without any reward source)
         paths = local.split(",")
         for path in paths:
             check_exists(path, "--reward.model_name_or_path")
@@ -170,9 +166,6 @@ def _reward_spec(flat: dict, args):
         if len(names) != len(paths):
             raise ValueError(f"--lsc.reward_names lists {len(names)} names for {len(paths)} reward models ({local})")
         extra_logs = False
-    else:
-        raise ValueError("no reward source: give --reward.model_name_or_path, --reward.remote_url or "
-                         "--train.agent_func_path")
     spec = RewardSpec(names=tuple(names), transform=flat["transform"], aggregate=flat["aggregate"],
                       weights=flat["weights"], reference=flat["reference"], quantile=flat["quantile"],
                       reference_value=flat["reference_value"], label_key=args.data.label_key)

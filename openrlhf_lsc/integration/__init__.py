@@ -120,8 +120,8 @@ class StockCLI:
         return parser
 
     def error(self, message: str):
-        """A user error: one line `<prog>: error: <message>`, exit 2 (argparse's convention, without the usage)."""
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        """A user error: one line `<tool>: error: <message>`, exit 2 (argparse's convention, without the usage)."""
+        print(f"{self.prog.rsplit('.', 1)[-1]}: error: {message}", file=sys.stderr)
         sys.exit(2)
 
     def parse(self, argv: list) -> dict:
