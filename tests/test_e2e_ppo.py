@@ -335,31 +335,43 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+HEAD = """
+import sys, time, ray
+ray.init(num_cpus=8, num_gpus=8, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=int(sys.argv[1]),
+         _temp_dir=sys.argv[2])
+print("head up", flush=True)
+time.sleep(86400)
+"""
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """`ray start --head` with its own temp dir and ports, stopped by ending the process group it started (never
-    `ray stop`, which would stop every Ray on the machine). Yields the job server address."""
+    """A local Ray head with the job server (the dashboard), 8 CPUs and 8 logical GPUs, its own temp dir and ports;
+    stopped by ending its process group (never `ray stop`, which stops every Ray on the machine). Yields the job
+    server address. Started by a process holding `ray.init` rather than `ray start --head`, which also starts a
+    Ray Client server that gives up after 30 s when the raylet registers slowly (seen on 2 busy cores)."""
     temp = Path(tempfile.mkdtemp(prefix="lsc_ray_"))  # short: Ray's socket paths have a length limit
     dashboard = _free_port()
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
-           "--num-cpus=8", "--num-gpus=8", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dashboard}", f"--temp-dir={temp}", "--disable-usage-stats"]
+    env = dict(os.environ, RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT="600")  # 30 s is short on busy cores
     log = open(temp / "head.log", "w")
-    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = subprocess.Popen([sys.executable, "-c", HEAD, str(dashboard), str(temp)], stdout=log,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 600
         while subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address", address],
                              capture_output=True).returncode != 0:
             assert head.poll() is None and time.time() < deadline, (temp / "head.log").read_text()[-3000:]
-            time.sleep(3)
+            time.sleep(5)
         yield address
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+                head.wait(timeout=60)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -397,11 +409,13 @@ def test_ray_job_submit_with_another_setup_hook_names_the_fix(ray_head, models, 
     """A job whose runtime env sets its own worker_process_setup_hook: the CLI leaves it (Ray refuses two hooks),
     its probe finds no plugin in the workers, and the run stops with one line naming the fixes, before any model."""
     out = tmp_path_factory.mktemp("hook_taken")
-    flags = _flags(models, out, [*local_rms(models)])
+    flags = _flags(models, out, [*local_rms(models), "--lsc.reference", "constant", "--lsc.reference_value", "0,0"])
     runtime_env = _job_env(out, worker_process_setup_hook="os.getpid")
     code, log, _ = _submit(ray_head, runtime_env, [sys.executable, "-m", "openrlhf_lsc.cli.train_ppo_ray", *flags], timeout=600)
-    assert code != 0
-    (line,) = [line for line in log.splitlines() if "error: openrlhf_lsc is not registered in the Ray workers" in line]
+    (out / "log.txt").write_text(log)
+    lines = [line for line in log.splitlines() if "error: openrlhf_lsc is not registered in the Ray workers" in line]
+    assert code != 0 and len(set(lines)) == 1, log[-5000:]  # `ray job submit` echoes the job's last log lines
+    line = lines[0]
     assert "worker_process_setup_hook='os.getpid'" in line and "openrlhf_lsc.integration.setup_worker" in line
     assert "OPENRLHF_LSC_AUTOLOAD" in line and "Traceback" not in log
     assert not (out / "dump.jsonl").exists() and not (out / "actor").exists()
