@@ -1,23 +1,18 @@
-"""LSC rewards inside OpenRLHF PPO.
+"""LSC rewards inside OpenRLHF PPO: flag -> patched function -> tensor -> logged metric.
 
-flag -> patched function -> tensor -> logged metric (the CLI, cli/train_ppo_ray.py, turns the flags into
-`args.lsc.spec`, a `RewardSpec`):
-- K rewards per sample. Local reward models (`--reward.model_name_or_path A,B`): `RewardModelActor` loads the K
-  models and returns `[b, K]` (patched OpenRLHF: natively; stock: `init_model_from_pretrained`/`forward` wrapped
-  below). A `.py` reward_func or an agent (`--reward.remote_url`, `--train.agent_func_path`) returns each named raw
-  reward as `extra_logs["lsc/<name>/reward"]`, which OpenRLHF copies into `experience.info`; `--lsc.reward_names`
-  selects them. Without names, the source's scalar reward is the single reward.
-- `reward_hook(experiences, args)` runs first in `RemoteExperienceMaker.compute_advantages_and_returns` (stock:
-  the wrapper below; patched OpenRLHF: `REWARD_HOOKS`): `openrlhf_lsc.rewards.reward_utilities` turns the
-  `[N, K]` rewards into utilities, which replace `experience.rewards` BEFORE stock's length penalties, group
-  baselines, KL penalty and `--reward.clip_range` clipping.
-- Logged per sample in `experience.info` (wandb/tensorboard batch means): `lsc/utility`,
-  `lsc/<name>/{reward,utility,margin,above_ref}`, `lsc/clipped`, and `lsc/reward`, the source's raw reward (its
-  scalar, or the sum of K local reward models' rewards). Stock's `reward` keeps its stock meaning, the reward PPO
-  trains on after length penalties: with the plugin, the utility.
-- The step number is OpenRLHF's own global step (`train_step` wrapped), so it continues after a resume.
+- The CLI (cli/train_ppo_ray.py) turns the `--lsc.*` flags into `args.lsc.spec`, a `RewardSpec`.
+- K rewards per sample: local reward models return `[b, K]` from `RewardModelActor` (patched OpenRLHF: natively;
+  stock: wrapped below); a `.py` reward_func or an agent returns named raw rewards as
+  `extra_logs["lsc/<name>/reward"]`, which OpenRLHF copies into `experience.info` (`args.lsc.extra_logs`).
+- `reward_hook(experiences, args)` runs first in `RemoteExperienceMaker.compute_advantages_and_returns` (stock: the
+  wrapper below; patched OpenRLHF: `REWARD_HOOKS`): `reward_utilities` turns the `[N, K]` rewards into utilities
+  that replace `experience.rewards` before stock's length penalties, baselines, KL penalty and clipping.
+- Per-sample `experience.info` keys (logged as batch means): `lsc/reward`, `lsc/utility`, `lsc/clipped`,
+  `lsc/<name>/{reward,utility,margin,above_ref}`; stock's `reward` is, as in stock, what PPO trains on.
+- The step number is OpenRLHF's global step (`train_step` wrapped), so it continues after a resume.
 """
 
+import importlib
 import itertools
 import json
 import operator
@@ -195,7 +190,7 @@ def train(stock, args) -> None:
 
     from openrlhf.utils.logging_utils import init_logger
 
-    module = __import__(stock.module, fromlist=["train"])
+    module = importlib.import_module(stock.module)
     register()
     _notes(args, init_logger(__name__))
     init, get_strategy = ray.init, module.get_strategy
