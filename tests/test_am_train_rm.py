@@ -245,6 +245,7 @@ class _Loader(list):
     def __init__(self, batches, tasks):
         super().__init__(batches)
         self.dataset = SimpleNamespace(lsc_tasks=tasks)
+        self.sampler = range(sum(len(b[-1]) for b in batches))
 
 
 def _trainer(loss, am, train_tasks=("a", "a", "b", "b"), eval_tasks=("a", "a", "b", "b")):
