@@ -161,9 +161,9 @@ def test_score_prompts_records_exactly():
 
     assert records == [
         {"h": entry([1.0, 4.0, 2.0]), "g": entry([2.0, 8.0, 4.0]), "c": {"canned_scores": [2.0, 3.0]}},
-        {"h": {"error": "empty prompt"}, "g": {"error": "empty prompt"}, "c": {"error": "empty prompt"}},
+        {"h": {"error": "empty prompt", "retry": False}, "g": {"error": "empty prompt", "retry": False}, "c": {"error": "empty prompt", "retry": False}},
         {"h": entry([0.1, -0.3], failed=1), "g": entry([0.2, -0.6], failed=1), "c": {"canned_scores": [2.0, 3.0]}},
-        {"h": {"k": 0}, "g": {"k": 0}, "c": {"error": "1 of 2 canned responses got no finite score"}},
+        {"h": {"k": 0}, "g": {"k": 0}, "c": {"error": "1 of 2 canned responses got no finite score", "retry": True}},
     ]
 
 
@@ -171,7 +171,7 @@ def test_score_prompts_entries_need_two_finite_scores():
     table = {("a", "r0"): 1.0, ("a", "r1"): None, ("a", "r2"): float("nan"),
              ("b", "r0"): 1.0, ("b", "r1"): 3.0, ("b", "r2"): None}
     records = estimate.score_prompts(["a", "b"], sampler_of(3), {"h": table_rm(table)}, {"h": "learned"}, 3, [0.25])
-    assert records[0] == {"h": {"error": "only 1 of 3 sampled responses got a finite score (need 2)"}}
+    assert records[0] == {"h": {"error": "only 1 of 3 sampled responses got a finite score (need 2)", "retry": True}}
     assert records[1] == {"h": {"k": 2, "mean": 2.0, "std": pytest.approx(math.sqrt(2)),
                                 "quantiles": {"0.25": 1.5}, "failed": 1}}
 
@@ -186,9 +186,9 @@ def test_score_prompts_without_sampling_methods_never_samples():
     canned = {("a", "x"): 1.0, ("b", "x"): 2.0}
     records = estimate.score_prompts(["a", "b", ""], no_sampler, {"c": table_rm(canned)}, {"c": "canned"}, 4, [],
                                      canned_responses=["x"])
-    assert records == [{"c": {"canned_scores": [1.0]}}, {"c": {"canned_scores": [2.0]}}, {"c": {"error": "empty prompt"}}]
+    assert records == [{"c": {"canned_scores": [1.0]}}, {"c": {"canned_scores": [2.0]}}, {"c": {"error": "empty prompt", "retry": False}}]
     assert estimate.score_prompts(["", " "], no_sampler, {"c": table_rm({})}, {"c": "canned"}, 4, []) == [
-        {"c": {"error": "empty prompt"}}, {"c": {"error": "empty prompt"}}]  # nothing live: no canned response needed
+        {"c": {"error": "empty prompt", "retry": False}}, {"c": {"error": "empty prompt", "retry": False}}]  # nothing live: no canned response needed
 
 
 @pytest.mark.parametrize(
@@ -340,9 +340,9 @@ def _sampled(values, levels=(0.5,)):
 def test_finish_labels_and_report_exactly():
     records = [
         {"h": _sampled([1.0, 3.0]), "g": {**_sampled([0.0, 2.0, 4.0]), "failed": 1}, "c": {"canned_scores": [1.0, 2.0]}},
-        {"h": {"error": "empty prompt"}, "g": {"error": "empty prompt"}, "c": {"error": "empty prompt"}},
-        {"h": _sampled([-1.0, 1.0, 6.0]), "g": {"error": "only 1 of 3 sampled responses got a finite score (need 2)"},
-         "c": {"error": "1 of 2 canned responses got no finite score"}},
+        {"h": {"error": "empty prompt", "retry": False}, "g": {"error": "empty prompt", "retry": False}, "c": {"error": "empty prompt", "retry": False}},
+        {"h": _sampled([-1.0, 1.0, 6.0]), "g": {"error": "only 1 of 3 sampled responses got a finite score (need 2)", "retry": True},
+         "c": {"error": "1 of 2 canned responses got no finite score", "retry": True}},
     ]
     labels, report = estimate.finish(records, {"h": "quantile", "g": "gaussian", "c": "canned"},
                                      {"h": 0.5, "g": 0.9, "c": 0.3})
@@ -356,10 +356,10 @@ def test_finish_labels_and_report_exactly():
               "canned_scores": [1.0, 2.0]},
     }
     assert labels[1]["h"] == {"reference": None, "method": "quantile", "q": 0.5, "k": 0, "mean": None, "std": None,
-                              "quantiles": {}, "error": "empty prompt"}
+                              "quantiles": {}, "error": "empty prompt", "retry": False}
     assert labels[2]["h"]["reference"] == 1.0
     assert labels[2]["g"] == {"reference": None, "method": "gaussian", "q": 0.9, "k": 0, "mean": None, "std": None,
-                              "quantiles": {}, "error": "only 1 of 3 sampled responses got a finite score (need 2)"}
+                              "quantiles": {}, "error": "only 1 of 3 sampled responses got a finite score (need 2)", "retry": True}
     assert labels[2]["c"]["reference"] is None and labels[2]["c"]["error"].startswith("1 of 2")
     assert report == {"prompts": 3, "rms": {
         "h": {"method": "quantile", "q": 0.5, "prompts": 3, "with_reference": 2, "errors": 1, "coverage": 2 / 3,
@@ -374,7 +374,7 @@ def test_finish_labels_and_report_exactly():
 def test_finish_single_record_and_no_references():
     labels, report = estimate.finish([{"h": _sampled([0.0, 4.0])}], {"h": "quantile"}, {"h": 0.5})
     assert report["rms"]["h"]["coverage"] == 1.0 and report["rms"]["h"]["reference"]["std"] == 0.0
-    labels, report = estimate.finish([{"h": {"error": "empty prompt"}}], {"h": "quantile"}, {"h": 0.5})
+    labels, report = estimate.finish([{"h": {"error": "empty prompt", "retry": False}}], {"h": "quantile"}, {"h": 0.5})
     assert report["rms"]["h"] == {"method": "quantile", "q": 0.5, "prompts": 1, "with_reference": 0, "errors": 1,
                                   "coverage": 0.0}
     assert estimate.finish([], {"h": "quantile"}, {"h": 0.5}) == ([], {"prompts": 0, "rms": {"h": {
@@ -403,7 +403,7 @@ def test_learned_labels_follow_the_documented_split_and_fit():
     n, holdout, seed = 30, 0.2, 4
     sampled = [i % 5 != 0 for i in range(n)]  # 24 sampled prompts
     X, records = _learned_records(n, sampled=sampled)
-    records[1] = {"h": {"error": "only 1 of 8 sampled responses got a finite score (need 2)"}}  # 23 usable
+    records[1] = {"h": {"error": "only 1 of 8 sampled responses got a finite score (need 2)", "retry": True}}  # 23 usable
     labels, report = estimate.finish(records, {"h": "learned"}, {"h": 0.8}, features=torch.tensor(X),
                                      holdout=holdout, seed=seed)
     scored = [i for i in range(n) if sampled[i] and i != 1]

@@ -122,7 +122,7 @@ def test_statistics_match_reference_on_random_inputs(case):
         ([0.0, 1.0], [0, 0], {"ppo_fraction": 0.0}, r"ppo_fraction must be in \(0, 1\], got 0.0"),
         ([0.0, 1.0], [0, 0], {"ppo_fraction": -0.5}, r"ppo_fraction must be in \(0, 1\], got -0.5"),
         ([0.0, 1.0], [0, 0], {"ppo_fraction": 1.5}, r"ppo_fraction must be in \(0, 1\], got 1.5"),
-        ([0.0, 1.0], [0, 0], {"ppo_fraction": 0.5, "rehearsal_k": -1}, "rehearsal_k must be >= 0, got -1"),
+        ([0.0, 1.0], [0, 0], {"ppo_fraction": 0.5, "rehearsal_k": -1}, "--select.rehearsal_k must be an integer >= 0, got -1"),
         ([0.0, 1.0, 2.0], [0, 2, 2], {"ppo_fraction": 0.5}, r"^clusters \[1\] are empty"),
         ([0.0, 1.0, 2.0, 3.0], [0, 0, 1, 3], {"ppo_fraction": 0.5, "rehearsal_k": 1}, r"^clusters \[2\] are empty"),
         ([0.0] * 5, [0, 1, 1, 2, 3], {"ppo_fraction": 0.5, "rehearsal_k": 2},
