@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import List, Optional
 
 from openrlhf_lsc.integration import StockCLI
+from openrlhf_lsc.monitor import Monitor, check_evaluators
 from openrlhf_lsc.rewards import AGGREGATES, REFERENCES, TRANSFORMS, RewardSpec
 
 PROG = "python -m openrlhf_lsc.cli.train_ppo_ray"
@@ -25,6 +26,18 @@ REHEARSAL = {  # --lsc.rehearsal.<name>: (type, default, help)
     "output_key": (str, "output", "response field of the rehearsal dataset"),
     "micro_batch_size": (int, 1, "rehearsal pairs per actor micro-step, >= 1"),
     "max_len": (int, None, "max tokens per pair, >= 3 (default: --data.max_len)"),
+}
+MONITOR = {  # --lsc.monitor.<name>: (argparse keywords, help)
+    "reward_models": ({"default": None}, "comma-separated held-out evaluator reward models (local paths or hub ids, never a training "
+                      "reward model): the reward actors score every rollout with them after the proxies; they never "
+                      "enter the utility. Setting it turns the over-optimisation monitor on"),
+    "names": ({"default": None}, "comma-separated evaluator names for the metrics (default: each path's basename)"),
+    "patterns": ({"nargs": "+", "default": None}, "shortcut probes name=regex ...: the fraction of responses matching each is logged "
+                 "as monitor/pattern/<name>"),
+    "window": ({"type": int, "default": 5}, "moving-average window W of the stop rule, >= 1"),
+    "patience": ({"type": int, "default": 3}, "steps N the evaluator average must fall while the proxy's rises, >= 1"),
+    "stop": ({"action": "store_true", "default": False}, "when the stop rule fires, save a checkpoint (--ckpt.path) and end training "
+             "(without it: a warning, and training goes on)"),
 }
 
 
@@ -68,6 +81,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     r = parser.add_argument_group("Selective Rehearsal (--lsc.rehearsal.*)")
     for name, (kind, default, text) in REHEARSAL.items():
         r.add_argument(f"--lsc.rehearsal.{name}", type=kind, default=default, help=text)
+    m = parser.add_argument_group("Over-optimisation monitor (--lsc.monitor.*)")
+    for name, (kw, text) in MONITOR.items():
+        m.add_argument(f"--lsc.monitor.{name}", help=text, **kw)
 
 
 def check_exists(path: str, flag: str) -> None:
@@ -104,15 +120,18 @@ def resolve(flat: dict, args, rewards: bool = True) -> SimpleNamespace:
 
     Returns:
         SimpleNamespace(spec: RewardSpec or None (no reward flag given), extra_logs: bool (read the K rewards from
-        the reward_func's/agent's extra_logs), dump_rewards, rehearsal: SimpleNamespace of --lsc.rehearsal.*).
+        the reward_func's/agent's extra_logs), dump_rewards, rehearsal: SimpleNamespace of --lsc.rehearsal.*,
+        monitor: SimpleNamespace of --lsc.monitor.* or None).
 
     Raises:
         ValueError naming the flag, for the CLI to print as one line.
     """
-    lsc = SimpleNamespace(spec=None, extra_logs=False, dump_rewards=None,
-                          rehearsal=SimpleNamespace(**{k.split(".")[1]: flat.pop(k) for k in list(flat) if "." in k}))
+    group = lambda prefix: SimpleNamespace(**{k[len(prefix):]: flat.pop(k) for k in list(flat) if k.startswith(prefix)})
+    lsc = SimpleNamespace(spec=None, extra_logs=False, dump_rewards=None, rehearsal=group("rehearsal."),
+                          monitor=group("monitor."))
     if rewards:
         lsc.spec, lsc.extra_logs = _reward_spec(flat, args)
+    lsc.monitor = _monitor(lsc.monitor, args, lsc.spec)
     if flat["dump_rewards"]:
         lsc.dump_rewards = _writable_file(flat["dump_rewards"], "--lsc.dump_rewards")
 
@@ -136,6 +155,39 @@ def resolve(flat: dict, args, rewards: bool = True) -> SimpleNamespace:
         if given:
             raise ValueError(f"--lsc.rehearsal.{given[0]} only applies with --lsc.rehearsal.dataset; set the dataset")
     return lsc
+
+
+def _monitor(mon: SimpleNamespace, args, spec: Optional[RewardSpec]) -> Optional[SimpleNamespace]:
+    """The checked --lsc.monitor.* flags (None without evaluators); the evaluators join the reward actors' models."""
+    if not mon.reward_models:
+        given = [k for k, (kw, _) in MONITOR.items() if getattr(mon, k) != kw["default"]]
+        if given:
+            raise ValueError(f"--lsc.monitor.{given[0]} only applies with --lsc.monitor.reward_models; give the "
+                             "held-out evaluator reward models E1,E2")
+        return None
+    proxies = args.reward.model_name_or_path
+    if not proxies:
+        raise ValueError("--lsc.monitor.reward_models are scored in OpenRLHF's reward actors, which run only for "
+                         "local reward models: train with --reward.model_name_or_path / --lsc.reward_models")
+    paths = mon.reward_models.split(",")
+    for path in paths:
+        check_exists(path, "--lsc.monitor.reward_models")
+    check_evaluators(paths, proxies.split(","))
+    names = mon.names.split(",") if mon.names is not None else [os.path.basename(p.rstrip("/")) for p in paths]
+    if len(names) != len(paths) or not all(names):
+        raise ValueError(f"--lsc.monitor.names lists {len(names)} names for {len(paths)} evaluators ({mon.reward_models})")
+    clash = sorted(set(names) & set(spec.names)) or sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise ValueError(f"--lsc.monitor.names: {clash[0]!r} names two models (evaluator names must differ from each "
+                         f"other and from the reward names {','.join(spec.names)}); give --lsc.monitor.names")
+    mon.patterns = mon.patterns or []
+    Monitor(spec.names, names, mon.patterns, mon.window, mon.patience)  # checks the patterns, window, patience
+    if mon.stop and args.train.async_enable:
+        raise ValueError("--lsc.monitor.stop cannot end a --train.async_enable run (its generator is another Ray "
+                         "actor): drop one of them; without --lsc.monitor.stop the monitor warns when the rule fires")
+    mon.reward_models, mon.names = paths, names
+    args.reward.model_name_or_path = ",".join([proxies, *paths])  # reward actors return [b, K + M]
+    return mon
 
 
 def _reward_spec(flat: dict, args):

@@ -10,6 +10,9 @@
 - Per-sample `experience.info` keys (logged as batch means): `lsc/reward`, `lsc/utility`, `lsc/clipped`,
   `lsc/<name>/{reward,utility,margin,above_ref}`; stock's `reward` is, as in stock, what PPO trains on.
 - The step number is OpenRLHF's global step (`train_step` wrapped), so it continues after a resume.
+- `--lsc.monitor.reward_models` (M evaluators) are appended to the reward actors' models: they return `[b, K + M]`;
+  `reward_hook` gives the first K columns to `reward_utilities` and the last M to `Monitor.update` in the trainer
+  process (where it runs), whose `monitor/*` metrics join `experience.info` as constants; see `_observe`.
 """
 
 import importlib
@@ -17,14 +20,18 @@ import itertools
 import json
 import operator
 import os
+from types import SimpleNamespace
 from typing import List
 
 import torch
 
 from openrlhf_lsc.integration import SETUP_HOOK, register, registered, wrap
+from openrlhf_lsc.monitor import Monitor
 from openrlhf_lsc.rewards import reward_utilities
 
 _step = 0  # OpenRLHF's global step of the rollout being processed (set by the train_step wrapper)
+_monitor = None  # SimpleNamespace(cfg, monitor, tokenizer) of this process's run (the process running reward_hook)
+MONITOR_FILE = "lsc_monitor.json"
 
 
 class SetupError(RuntimeError):
@@ -33,11 +40,13 @@ class SetupError(RuntimeError):
 
 def apply() -> None:
     from openrlhf.trainer import ppo_trainer, ppo_trainer_async
+    from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
 
     for trainer in (ppo_trainer.PPOTrainer, ppo_trainer_async.TrainingActor):  # sync, async
         # @ray.remote copies each method into the class Ray instantiates (and ships to workers): patch that one.
         cls = trainer.__ray_metadata__.modified_class
         wrap(cls, "train_step", ["self", "rollout_samples", "global_step"], _wrap_train_step)
+    wrap(SamplesGenerator, "generate_samples", ["self", "generate_kwargs"], _wrap_generate)
     try:  # OpenRLHF with patches/ applied: its hook point and multi-RM reward actor replace the wrappers below
         from openrlhf.utils import plugins
     except ImportError:
@@ -59,9 +68,26 @@ def apply() -> None:
 def _wrap_train_step(original):
     def train_step(self, rollout_samples, global_step, **ray_kwargs):
         _set_step(global_step + 1)  # the step OpenRLHF logs for this rollout
-        return original(self, rollout_samples, global_step, **ray_kwargs)
+        out = original(self, rollout_samples, global_step, **ray_kwargs)
+        if _stopping():  # fit's save_logs_and_checkpoints, next, then saves this step through OpenRLHF's own path
+            self.args.ckpt.save_steps = 1
+        return out
 
     return train_step
+
+
+def _wrap_generate(original):
+    def generate_samples(self, **generate_kwargs):
+        if _stopping():  # "prompts exhausted": PPOTrainer.fit ends its episodes, closes its loggers and returns
+            return [], None, 0, True
+        return original(self, **generate_kwargs)
+
+    return generate_samples
+
+
+def _stopping() -> bool:
+    """--lsc.monitor.stop and the monitor fired in this process (the sync PPO trainer: sampler and reward_hook)."""
+    return _monitor is not None and _monitor.cfg.stop and _monitor.monitor.fired_step is not None
 
 
 def _set_step(step: int) -> None:
@@ -133,8 +159,9 @@ def reward_hook(experiences: List, args) -> List:
         batch = torch.stack([torch.cat([e.info[k].reshape(-1) for e in experiences]) for k in keys], dim=1)
     else:
         batch = torch.cat([e.rewards.reshape(len(e.index), -1) for e in experiences])
-    rewards = torch.empty_like(batch)
-    rewards[order] = batch  # prompt-major: n consecutive samples per prompt, as the stock baselines use them
+    k = len(spec.names)  # local reward models: the M evaluator columns of --lsc.monitor.reward_models follow
+    rewards, evaluators = torch.empty_like(batch[:, :k]), torch.empty_like(batch[:, k:])
+    rewards[order], evaluators[order] = batch[:, :k], batch[:, k:]  # prompt-major: n samples per prompt, as stock
     labels = where = None
     if spec.reference == "label":  # per-sample lists in prompt-major order, without a Python loop per sample
         inverse = torch.argsort(order).tolist()
@@ -153,12 +180,49 @@ def reward_hook(experiences: List, args) -> List:
     for e, part in zip(experiences, stacked.split([len(e.index) for e in experiences])):
         e.info.update(zip(keys, part.unbind(1)))
         # The source's raw reward: its scalar, or the sum of K local reward models' rewards.
-        e.info["lsc/reward"] = e.rewards.float().reshape(len(e.index), -1).sum(1)
+        e.info["lsc/reward"] = e.rewards.float().reshape(len(e.index), -1)[:, :k].sum(1)
         e.rewards = e.info["lsc/utility"]
         e.info["reward"] = e.rewards.clone()  # as stock: the reward PPO trains on (stock re-syncs it after penalties)
+    if getattr(cfg, "monitor", None) is not None:
+        _observe(cfg, args, experiences, order, rewards, evaluators, metrics)
     if cfg.dump_rewards:
         _dump(cfg.dump_rewards, experiences, order, rewards, metrics, spec.names)
     return experiences
+
+
+def _observe(cfg, args, experiences, order, proxies, evaluators, metrics) -> None:
+    """One `Monitor.update` per step; its metrics go to every sample's info (logged as batch means), its summary to
+    `<ckpt.output_dir>/lsc_monitor.json`, and a warning to the log the step the stop rule fires."""
+    global _monitor
+    mon = cfg.monitor
+    if _monitor is None or _monitor.cfg is not mon:
+        from transformers import AutoTokenizer  # the policy's, for the responses' text (patterns, length)
+
+        tokenizer = AutoTokenizer.from_pretrained(args.actor.model_name_or_path, trust_remote_code=True,
+                                                  use_fast=not args.data.disable_fast_tokenizer)
+        _monitor = SimpleNamespace(cfg=mon, tokenizer=tokenizer,
+                                   monitor=Monitor(cfg.spec.names, mon.names, mon.patterns, mon.window, mon.patience))
+    responses = [None] * len(proxies)
+    for i, seq, act in zip(order.tolist(), (s for e in experiences for s in e.sequences),
+                           (m for e in experiences for m in e.action_mask)):
+        responses[i] = seq[1:][act.bool()]  # action_mask[t] marks token t + 1 (OpenRLHF's shifted mask)
+    responses = _monitor.tokenizer.batch_decode(responses, skip_special_tokens=True)
+    above = {n: metrics[f"lsc/{n}/above_ref"] for n in cfg.spec.names if f"lsc/{n}/above_ref" in metrics}
+    values, fired = _monitor.monitor.update(_step, proxies, evaluators, above, responses)
+    for e in experiences:
+        e.info.update({key: torch.full((len(e.index),), v) for key, v in values.items()})
+    summary = _monitor.monitor.summary()
+    if fired:
+        from openrlhf.utils.logging_utils import init_logger
+
+        then = "saving a checkpoint and stopping (--lsc.monitor.stop)" if mon.stop else "training goes on"
+        init_logger(__name__).warning(f"openrlhf_lsc monitor: {summary['message']}; {then}")
+    path = os.path.join(args.ckpt.output_dir, MONITOR_FILE)
+    os.makedirs(args.ckpt.output_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({**summary, "evaluators": dict(zip(mon.names, mon.reward_models)),
+                   "history": _monitor.monitor.state_dict()}, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def _dump(path: str, experiences, order, rewards, metrics, names) -> None:
