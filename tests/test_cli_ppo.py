@@ -182,6 +182,24 @@ BAD = [  # (extra argv, replaces BASE's reward source?, text the error must cont
     (["--lsc.rehearsal.coef", "0.5"], None, "--lsc.rehearsal.coef only applies with --lsc.rehearsal.dataset"),
     (["--lsc.rehearsal.dataset", "D_R", "--ds.ring_attn_size", "2"], None, "--ds.ring_attn_size"),
     (["--lsc.unknown", "1"], None, "--lsc.unknown"),
+    (["--lsc.monitor.reward_models", "org/rm_b/"], None,
+     "--lsc.monitor.reward_models: 'org/rm_b/' is also a training reward model"),
+    (["--lsc.monitor.reward_models", "/nonexistent/judge"], None, "--lsc.monitor.reward_models /nonexistent/judge"),
+    (["--lsc.monitor.reward_models", "org/judge", "--lsc.monitor.patterns", "list=^- ", "open=(["], None,
+     "--lsc.monitor.patterns: '([' is not a valid regular expression"),
+    (["--lsc.monitor.reward_models", "org/judge", "--lsc.monitor.window", "0"], None, "--lsc.monitor.window"),
+    (["--lsc.monitor.reward_models", "org/judge", "--lsc.monitor.patience", "-1"], None, "--lsc.monitor.patience"),
+    (["--lsc.monitor.reward_models", "org/judge", "--lsc.monitor.patience", "x"], None, "--lsc.monitor.patience"),
+    (["--lsc.monitor.patterns", "list=^- "], None,
+     "--lsc.monitor.patterns only applies with --lsc.monitor.reward_models"),
+    (["--lsc.monitor.stop"], None, "--lsc.monitor.stop only applies with --lsc.monitor.reward_models"),
+    (["--lsc.monitor.reward_models", "org/judge", "--lsc.monitor.names", "a,b"], None,
+     "--lsc.monitor.names lists 2 names for 1 evaluators"),
+    (["--lsc.monitor.reward_models", "other/rm_a"], None, "--lsc.monitor.names: 'rm_a' names two models"),
+    (["--lsc.monitor.reward_models", "org/judge"], ["--reward.remote_url", "REWARD_PY"],
+     "--lsc.monitor.reward_models are scored in OpenRLHF's reward actors"),
+    (["--lsc.monitor.reward_models", "org/judge", "--lsc.monitor.stop", "--train.async_enable"], None,
+     "--lsc.monitor.stop cannot end a --train.async_enable run"),
 ]
 
 
@@ -277,6 +295,24 @@ def test_named_rewards_of_a_reward_function_and_an_absolute_dump(monkeypatch, tm
     assert args.lsc.extra_logs and args.lsc.spec.names == ("verifier", "helpful")
     assert args.lsc.dump_rewards == str(tmp_path / "d/dump.jsonl") and args.lsc.rehearsal.coef == 0.01
     assert args.reward.remote_url == [str(tmp_path / "reward.py")]  # stock's own post-processing ran
+
+
+def test_monitor_flags_reach_args_and_the_evaluators_join_the_reward_actors(monkeypatch, tmp_path, stock_module):
+    judge = tmp_path / "judge"
+    judge.mkdir()
+    argv = _row_argv(["--lsc.monitor.reward_models", f"{judge},org/other", "--lsc.monitor.names", "gold,noisy",
+                      "--lsc.monitor.patterns", "list=^- ", r"(?i)sorry", "--lsc.monitor.window", "2",
+                      "--lsc.monitor.stop"], None, tmp_path)
+    args = run_plugin(argv, monkeypatch, stock_module)
+    mon = args.lsc.monitor
+    assert (mon.reward_models, mon.names, mon.patterns) == ([str(judge), "org/other"], ["gold", "noisy"],
+                                                            ["list=^- ", "(?i)sorry"])
+    assert (mon.window, mon.patience, mon.stop) == (2, 3, True)
+    assert args.lsc.spec.names == ("rm_a", "rm_b") and args.lsc.spec.transform == "raw"
+    assert args.reward.model_name_or_path == f"org/rm_a,org/rm_b,{judge},org/other"  # proxies first, then evaluators
+    assert args.critic.model_name_or_path == "org/rm_a"  # stock's default critic: still the first proxy
+    plain = run_plugin(_row_argv(["--lsc.transform", "raw"], None, tmp_path), monkeypatch, stock_module)
+    assert plain.lsc.monitor is None and plain.reward.model_name_or_path == "org/rm_a,org/rm_b"
 
 
 def test_rehearsal_alone_leaves_the_rewards_alone(monkeypatch, tmp_path, stock_module):
