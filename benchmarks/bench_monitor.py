@@ -5,8 +5,8 @@ The monitor adds one evaluator forward per sample plus its batch statistics. On 
 `get_llm_for_sequence_regression`, as the reward actors do):
 
 - stock-plugin step: K proxy forwards + `reward_utilities` (AND-LSC, constant references);
-- monitored step: the same + one evaluator forward + `Monitor.update` (Spearman, std-unit gaps, 3 regex probes
-  over the decoded responses, the stop rule).
+- monitored step: the same + one evaluator forward + decoding the responses (as the PPO integration does each
+  step) + `Monitor.update` (Spearman, std-unit gaps, 3 regex probes, the stop rule).
 
 Runs alternate; medians, their ratio and the monitor's statistics alone are reported. The PPO wiring scores the
 evaluator in the reward actors beside the proxies, so this ratio is the reward step's; a PPO step also generates
@@ -80,7 +80,7 @@ def main():
     lengths = torch.randint(opt.tokens // 4, opt.tokens + 1, (opt.samples,), generator=g)
     mask = (torch.arange(opt.tokens)[None] >= opt.tokens - lengths[:, None]).long()  # left padding, as OpenRLHF
     ids = ids.masked_fill(mask == 0, tok.pad_token_id)
-    responses = tok.batch_decode(ids[:, opt.tokens // 2 :], skip_special_tokens=True)
+    response_ids = ids[:, opt.tokens // 2 :]
     names = tuple(f"proxy{i}" for i in range(k))
     spec = RewardSpec(names=names, transform="lsc", reference="constant", reference_value=(0.0,) * k)
 
@@ -103,12 +103,14 @@ def main():
         utility, metrics = reward_utilities(r, spec)
         e = scores([evaluator])
         above = {n: metrics[f"lsc/{n}/above_ref"] for n in names}
+        responses = tok.batch_decode(response_ids, skip_special_tokens=True)
         return utility, monitor.update(next(step), r, e, above, responses)
 
     r_fixed, e_fixed = scores(proxies), scores([evaluator])
     above_fixed = {n: reward_utilities(r_fixed, spec)[1][f"lsc/{n}/above_ref"] for n in names}
 
-    def stats_only():
+    def stats_only():  # decoding + statistics, without the evaluator forward
+        responses = tok.batch_decode(response_ids, skip_special_tokens=True)
         return monitor.update(next(step), r_fixed, e_fixed, above_fixed, responses)
 
     plain(), monitored(), stats_only()  # warm up
@@ -130,7 +132,7 @@ def main():
         result[f"ratio_{clock}"] = mon_s / plain_s
         result[f"statistics_share_{clock}"] = stats_s / plain_s
         print(f"  {clock:4s}: reward step {1000 * plain_s:.1f} ms, with monitor {1000 * mon_s:.1f} ms -> "
-              f"{mon_s / plain_s:.3f}x; monitor statistics alone {1000 * stats_s:.2f} ms "
+              f"{mon_s / plain_s:.3f}x; decode + monitor statistics alone {1000 * stats_s:.2f} ms "
               f"({100 * stats_s / plain_s:.2f}% of the step)")
     if opt.out:
         Path(opt.out).write_text(json.dumps(result, indent=1))

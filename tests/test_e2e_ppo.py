@@ -118,17 +118,34 @@ def models(tmp_path_factory) -> Path:
     return tiny_models.build(tmp_path_factory.mktemp("models"))
 
 
+def negated_judge(models: Path, dest: Path) -> Path:
+    """An evaluator reward model scoring exactly -A (rm_a's value head negated; bf16 negation is exact), so the
+    monitor's numbers can be recomputed from the dumped proxy rewards. A test device, not a held-out model."""
+    rm = LlamaForSequenceClassification.from_pretrained(models / "rm_a")
+    with torch.no_grad():
+        rm.score.weight.neg_()
+    rm.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(models / "rm_a").save_pretrained(dest)
+    return dest
+
+
+MONITOR_PATTERNS = [r"question=\?", r"two=\btwo\b"]
+
+
 @pytest.fixture(scope="module")
 def runs(models, tmp_path_factory) -> dict:
     """Both trainings, started together: their start-ups (imports, Ray) overlap on 2 cores.
-    The group run also rehearses expert pairs (Selective Rehearsal's loss in the actor step)."""
+    The label run is watched by the over-optimisation monitor (one evaluator RM in the reward actor); the group
+    run also rehearses expert pairs (Selective Rehearsal's loss in the actor step)."""
+    judge = negated_judge(models, tmp_path_factory.mktemp("judge") / "judge")
     rehearsal = tmp_path_factory.mktemp("rehearsal") / "d_r.jsonl"
     with open(rehearsal, "w") as f:
         for i in range(4):
             f.write(json.dumps({"input": f"what is {tiny_models.WORDS[i]} plus one?", "output": " the answer is two"}) + "\n")
     started = {
         "label": _start(models, tmp_path_factory.mktemp("label_run"),
-                        [*local_rms(models), "--lsc.reference", "label", "--data.label_key", tiny_models.LABEL_KEY]),
+                        [*local_rms(models), "--lsc.reference", "label", "--data.label_key", tiny_models.LABEL_KEY,
+                         "--lsc.monitor.reward_models", str(judge), "--lsc.monitor.patterns", *MONITOR_PATTERNS]),
         "group": _start(models, tmp_path_factory.mktemp("group_run"),
                         [*local_rms(models), "--lsc.reference", "group", "--lsc.quantile", "0.5",
                          "--lsc.rehearsal.dataset", str(rehearsal), "--lsc.rehearsal.coef", "0.01"]),
@@ -286,6 +303,41 @@ def test_agent_named_rewards_colocated_weighted(sources, tokenizer, prompt_of):
     for step, status in run["status"].items():
         rows = [r for r in run["dump"] if r["step"] == step]
         assert status["lsc/reward"] == pytest.approx(100 * np.mean([sum(r["rewards"]) for r in rows]), rel=1e-5)
+
+
+def test_monitor_metrics_logged_from_the_real_workers(runs, tokenizer, prompt_of):
+    """The label run's evaluator (-A) was scored in the reward actor after the proxies; the trainer's monitor/*
+    metrics, logged per step by OpenRLHF, equal numpy/scipy on the dumped proxy rewards and decoded responses."""
+    from scipy import stats
+
+    run = runs["label"]
+    dump = run["dump"]
+    first = None
+    for step in range(1, STEPS + 1):
+        rows = sorted((r for r in dump if r["step"] == step), key=lambda r: r["sample"])
+        r, ref = np.array([row["rewards"] for row in rows]), np.array([row["references"] for row in rows])
+        judge = -r[:, 0]
+        first = first if first is not None else (r.mean(0), r.std(0, ddof=1))
+        gain = (r.mean(0) - first[0]) / first[1]  # SFT-std units from the first batch (no SFT std given)
+        responses = []
+        for row in rows:
+            prompt = tokenizer(prompt_of(row["sequence"])["input"], add_special_tokens=False)["input_ids"]
+            responses.append(tokenizer.decode(row["sequence"][len(prompt):], skip_special_tokens=True))
+        expected = {"monitor/judge/mean": judge.mean(), "monitor/judge/gain_std": -gain[0],
+                    "monitor/A-judge/gap_std": 2 * gain[0], "monitor/B-judge/gap_std": gain[1] + gain[0],
+                    "monitor/A~judge/spearman": -1.0, "monitor/B~judge/spearman": stats.spearmanr(r[:, 1], judge).statistic,
+                    "monitor/A/above_ref": np.mean(r[:, 0] > ref[:, 0]), "monitor/B/above_ref": np.mean(r[:, 1] > ref[:, 1]),
+                    "monitor/signal/proxy": gain.mean(), "monitor/response_chars": np.mean([len(t) for t in responses]),
+                    "monitor/fired": 0.0}
+        for item in MONITOR_PATTERNS:
+            name, regex = item.split("=", 1)
+            expected[f"monitor/pattern/{name}"] = np.mean([bool(re.search(regex, t, re.M)) for t in responses])
+        logged = run["status"][step]
+        for key, value in expected.items():  # logged as float32 batch means
+            assert logged[key] == pytest.approx(value, rel=1e-4, abs=1e-4), (step, key)
+    record = json.loads((run["out"] / "actor" / "lsc_monitor.json").read_text())
+    assert record["history"]["steps"] == list(range(1, STEPS + 1)) and record["fired_step"] is None
+    assert all("monitor/" not in key for key in runs["group"]["status"][1])  # unmonitored run: no monitor keys
 
 
 def test_rehearsal_loss_is_logged_finite_each_step(runs):
