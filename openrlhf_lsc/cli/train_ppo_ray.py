@@ -28,16 +28,16 @@ REHEARSAL = {  # --lsc.rehearsal.<name>: (type, default, help)
     "max_len": (int, None, "max tokens per pair, >= 3 (default: --data.max_len)"),
 }
 MONITOR = {  # --lsc.monitor.<name>: (argparse keywords, help)
-    "reward_models": ({"default": None}, "comma-separated held-out evaluator reward models (local paths or hub ids, never a training "
-                      "reward model): the reward actors score every rollout with them after the proxies; they never "
-                      "enter the utility. Setting it turns the over-optimisation monitor on"),
-    "names": ({"default": None}, "comma-separated evaluator names for the metrics (default: each path's basename)"),
-    "patterns": ({"nargs": "+", "default": None}, "shortcut probes name=regex ...: the fraction of responses matching each is logged "
-                 "as monitor/pattern/<name>"),
+    "reward_models": ({"default": None}, "comma-separated held-out evaluator reward models (local paths or hub "
+                      "ids, never a training reward model): the reward actors score every rollout with them after "
+                      "the proxies; they never enter the utility. Setting it turns the over-optimisation monitor on"),
+    "names": ({"default": None}, "comma-separated evaluator names for the metrics; unset: each path's basename"),
+    "patterns": ({"nargs": "+", "default": None}, "shortcut probes name=regex ...: the fraction of responses "
+                 "matching each is logged as monitor/pattern/<name>"),
     "window": ({"type": int, "default": 5}, "moving-average window W of the stop rule, >= 1"),
     "patience": ({"type": int, "default": 3}, "steps N the evaluator average must fall while the proxy's rises, >= 1"),
-    "stop": ({"action": "store_true", "default": False}, "when the stop rule fires, save a checkpoint (--ckpt.path) and end training "
-             "(without it: a warning, and training goes on)"),
+    "stop": ({"action": "store_true", "default": False}, "when the stop rule fires, save a checkpoint "
+             "(--ckpt.path) and end training (without it: a warning, and training goes on)"),
 }
 
 
@@ -175,7 +175,8 @@ def _monitor(mon: SimpleNamespace, args, spec: Optional[RewardSpec]) -> Optional
     check_evaluators(paths, proxies.split(","))
     names = mon.names.split(",") if mon.names is not None else [os.path.basename(p.rstrip("/")) for p in paths]
     if len(names) != len(paths) or not all(names):
-        raise ValueError(f"--lsc.monitor.names lists {len(names)} names for {len(paths)} evaluators ({mon.reward_models})")
+        raise ValueError(f"--lsc.monitor.names {','.join(names)!r}: give {len(paths)} non-empty names, one per "
+                         f"evaluator of --lsc.monitor.reward_models {mon.reward_models}")
     clash = sorted(set(names) & set(spec.names)) or sorted({n for n in names if names.count(n) > 1})
     if clash:
         raise ValueError(f"--lsc.monitor.names: {clash[0]!r} names two models (evaluator names must differ from each "
