@@ -140,7 +140,8 @@ def main():
     from transformers import AutoModelForCausalLM
 
     from openrlhf.utils import get_tokenizer
-    from openrlhf_lsc.integration.estimate_io import HFSampler, LocalRewardModel
+    from openrlhf_lsc.estimate import HFSampler
+    from openrlhf_lsc.integration.estimate_io import LocalRewardModel
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -19,5 +19,5 @@ python -m openrlhf_lsc.cli.select_rehearsal \
    --select.n_clusters 64 --select.rehearsal_k 8 --select.ppo_fraction 0.5 --select.seed 42 \
    --score.model "$AM" --score.batch_size 32 --score.max_len 2048 \
    --score.param_dtype bf16 --score.attn_implementation flash_attention_2 \
-   --output_dir "$OUT" \
+   --output.dir "$OUT" \
    "$@"

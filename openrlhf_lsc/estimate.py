@@ -38,6 +38,12 @@ Sampler = Callable[[List[str], int], List[List[str]]]
 RewardFn = Callable[[List[str], List[str]], Sequence[Any]]
 
 
+class ScoreError(Exception):
+    """Raised by a reward fn that could not score this call's responses (e.g. a reward server answered
+    something unusable) while later calls may succeed: `score_prompts` then records a retryable error for
+    that reward model on these prompts, instead of stopping."""
+
+
 def per_rm(value: Any, names: Sequence[str], flag: str) -> Dict[str, Any]:
     """Spread a setting over reward models: one value for all, a sequence aligned with `names`, or a dict.
 
@@ -135,7 +141,8 @@ def _scores(fn: RewardFn, prompts: List[str], responses: List[str], name: str) -
 def _sample_entry(scores: torch.Tensor, levels: Sequence[float]) -> Dict[str, Any]:
     ok = scores[torch.isfinite(scores)]
     if ok.numel() < 2:
-        return {"error": f"only {ok.numel()} of {scores.numel()} sampled responses got a finite score (need 2)"}
+        return {"error": f"only {ok.numel()} of {scores.numel()} sampled responses got a finite score (need 2)",
+                "retry": True}
     stats = sample_statistics(ok[None], levels)
     entry = {
         "k": stats["k"],
@@ -163,8 +170,8 @@ def score_prompts(
     Args:
         prompts: prompt texts as the policy sees them (chat template applied); "" marks an empty prompt.
         sampler: `sampler(prompts, k)` -> k responses per prompt (unused if nothing is sampled).
-        reward_fns: name -> `fn(prompts, responses)` -> scores; an exception stops the run, a None or
-            non-finite score marks that one response as failed.
+        reward_fns: name -> `fn(prompts, responses)` -> scores; a None or non-finite score marks that one
+            response as failed, `ScoreError` all of the call's prompts; any other exception propagates.
         methods: name -> method, from `check_settings`.
         k: samples per prompt.
         levels: quantile levels to record, from `check_settings`.
@@ -175,7 +182,8 @@ def score_prompts(
         one record per prompt: name -> entry. Entries of sampled prompts hold `k` (scores that were
         finite), `mean`, `std`, `quantiles` {str(level): value} and `failed` if some scores were not
         finite; unsampled prompts have `{"k": 0}`; `canned` entries hold `canned_scores`; an entry that
-        failed holds only `error`.
+        failed holds `error` and `retry`: True when scoring again may succeed (too few finite scores,
+        `ScoreError`), False when it cannot (empty prompt).
     """
     sampled = [True] * len(prompts) if sampled is None else list(sampled)
     records: List[Dict[str, Dict[str, Any]]] = [{} for _ in prompts]
@@ -192,7 +200,12 @@ def score_prompts(
         flat_prompts = [prompts[i] for i in todo for _ in range(k)]
         flat_responses = [r for rs in responses for r in rs]
         for name in sample_rms:
-            scores = _scores(reward_fns[name], flat_prompts, flat_responses, name).view(len(todo), k)
+            try:
+                scores = _scores(reward_fns[name], flat_prompts, flat_responses, name).view(len(todo), k)
+            except ScoreError as e:
+                for i in todo:
+                    records[i][name] = {"error": str(e), "retry": True}
+                continue
             for i, row in zip(todo, scores):
                 records[i][name] = _sample_entry(row, levels)
 
@@ -203,17 +216,22 @@ def score_prompts(
         flat_prompts = [prompts[i] for i in live for _ in range(m)]
         flat_responses = list(canned_responses) * len(live)
         for name in canned_rms:
-            scores = _scores(reward_fns[name], flat_prompts, flat_responses, name).view(len(live), m)
+            try:
+                scores = _scores(reward_fns[name], flat_prompts, flat_responses, name).view(len(live), m)
+            except ScoreError as e:
+                for i in live:
+                    records[i][name] = {"error": str(e), "retry": True}
+                continue
             for i, row in zip(live, scores):
                 # All variants or none: a mean over a prompt-dependent subset would not be comparable across prompts.
                 bad = int((~torch.isfinite(row)).sum())
-                error = {"error": f"{bad} of {m} canned responses got no finite score"}
+                error = {"error": f"{bad} of {m} canned responses got no finite score", "retry": True}
                 records[i][name] = error if bad else {"canned_scores": row.tolist()}
 
     for i, record in enumerate(records):
         for name in reward_fns:
             if not prompts[i].strip():
-                record[name] = {"error": "empty prompt"}
+                record[name] = {"error": "empty prompt", "retry": False}
             record.setdefault(name, {"k": 0})
     return records
 
@@ -338,7 +356,7 @@ def finish(
     Returns:
         (labels, report). labels[i][name] follows the schema of `openrlhf_lsc.references` (`reference`,
         `method`, `q`, `k`, `mean`, `std`, `quantiles`; `k` 0 and null stats for unsampled prompts), plus
-        `canned_scores` or `predicted_mean`/`predicted_std`, or `reference` None with `error`.
+        `canned_scores` or `predicted_mean`/`predicted_std`, or `reference` None with `error` and `retry`.
         report["rms"][name] has coverage counts, reference summary and, for `learned`, holdout MAE/Spearman.
     """
     if not 0.0 <= holdout < 1.0:
@@ -357,7 +375,7 @@ def finish(
             if "failed" in e:
                 label["failed"] = e["failed"]
             if "error" in e:
-                label["error"] = e["error"]
+                label.update(error=e["error"], retry=e.get("retry", True))
             elif method == "quantile":
                 label["reference"] = e["quantiles"][str(q)]
             elif method == "gaussian":
@@ -399,13 +417,13 @@ def estimate_references(
     Args:
         prompts: prompt texts as the policy sees them.
         sampler: `sampler(prompts, k)` -> k response texts per prompt, e.g.
-            `openrlhf_lsc.integration.estimate_io.HFSampler(policy, tokenizer, max_new_tokens=...)`.
+            `HFSampler(policy, tokenizer, max_new_tokens=...)`.
             Seed torch before calling for reproducible samples.
         reward_fns: reward-model name -> `fn(prompts, responses)` -> scores (the RM sees prompt + response).
         method, q: per reward model (one for all, a list aligned with `reward_fns`, or a dict).
         k: samples per prompt. quantiles: extra quantile levels to record.
         canned_responses: for `canned`, scored as given (append the EOS token your samples end with).
-        features: `[P, d]` prompt features for `learned`, e.g. `estimate_io.embed_prompts(prompts)`.
+        features: `[P, d]` prompt features for `learned`, e.g. `openrlhf_lsc.embed.embed(openrlhf_lsc.embed.load_encoder(), prompts)`.
         num_learned_prompts: when every sampling method is `learned`, sample only this many prompts.
         holdout: fraction of sampled prompts held out to measure `learned` (see `finish`).
         seed: seeds the learned subset and the holdout split.
@@ -420,3 +438,80 @@ def estimate_references(
     sampled = sampled_mask(len(prompts), methods, num_learned_prompts, seed)
     records = score_prompts(prompts, sampler, reward_fns, methods, k, levels, canned_responses, sampled)
     return finish(records, methods, qs, features, holdout, seed)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> List[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return sorted(set(eos) | {tokenizer.eos_token_id})
+
+
+class HFSampler:
+    """A `Sampler`: k responses per prompt with a Hugging Face causal LM's `generate` (the estimator's path
+    without vLLM; `openrlhf_lsc.integration.estimate_io.VLLMSampler` on GPUs)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_len: Optional[int] = None,
+        batch_size: int = 8,
+    ):
+        """
+        Args:
+            model, tokenizer: an HF causal LM and its tokenizer (with a pad token).
+            max_new_tokens, temperature, top_p: as `--rollout.*`.
+            max_len: prompt + response budget (`--data.max_len`); longer prompts lose their start.
+            batch_size: prompts per `generate` call (each expands to k sequences).
+        """
+        if temperature <= 0:
+            raise ValueError(f"--rollout.temperature must be > 0 to draw k different samples, got {temperature}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.max_prompt = None if max_len is None else max_len - max_new_tokens
+        if self.max_prompt is not None and self.max_prompt < 1:
+            raise ValueError(
+                f"--data.max_len {max_len} leaves no room for a prompt with --rollout.max_new_tokens {max_new_tokens}"
+            )
+        self.batch_size = batch_size
+        self.eos = _eos_ids(model, tokenizer)
+
+    def decode(self, ids: List[int]) -> str:
+        """Response text up to and including the first EOS, special tokens kept."""
+        for j, t in enumerate(ids):
+            if t in self.eos:
+                ids = ids[: j + 1]
+                break
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    @torch.inference_mode()
+    def __call__(self, prompts: List[str], k: int) -> List[List[str]]:
+        """Return k sampled response texts for each prompt."""
+        out = []
+        device = self.model.device
+        pad = self.tokenizer.pad_token_id
+        for b in range(0, len(prompts), self.batch_size):
+            ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[b : b + self.batch_size]]
+            if self.max_prompt is not None:
+                ids = [x[-self.max_prompt :] for x in ids]
+            width = max(len(x) for x in ids)
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+            gen = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=0,  # off, as vLLM's default and OpenRLHF's --rollout.top_k -1
+                max_new_tokens=self.max_new_tokens,
+                min_new_tokens=1,
+                num_return_sequences=k,
+                pad_token_id=pad,
+                eos_token_id=self.eos,
+            )[:, width:].tolist()
+            out += [[self.decode(gen[j * k + t]) for t in range(k)] for j in range(len(ids))]
+        return out

@@ -13,58 +13,71 @@ JSON object or a string holding one (OpenRLHF passes the dataset value through u
 
 import json
 import math
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 
-def parse_label(label: Any, index: int, label_key: str) -> Dict[str, Any]:
-    """Return the label of prompt `index` as a dict; raise naming the prompt and field if malformed."""
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def parse_label(label: Any, where: str, label_key: str) -> Dict[str, Any]:
+    """Return one prompt's label as a dict; raise naming the prompt (`where`) and field if malformed."""
     if isinstance(label, str):
         try:
             label = json.loads(label) if label.strip() else None
         except json.JSONDecodeError as e:
-            raise ValueError(f"prompt {index}: field {label_key!r} is not valid JSON ({e})") from None
+            raise ValueError(f"{where}: field {label_key!r} is not valid JSON ({e})") from None
     if not isinstance(label, dict):
         raise ValueError(
-            f"prompt {index}: field {label_key!r} must map reward-model names to "
+            f"{where}: field {label_key!r} must map reward-model names to "
             f'{{"reference": float, ...}}, got {type(label).__name__} {label!r:.80}'
         )
     return label
 
 
-def references_from_labels(labels: Sequence[Any], names: Sequence[str], label_key: str) -> torch.Tensor:
-    """Read `[B, K]` references from B prompt labels for the K reward models named `names`.
+def references_from_labels(
+    labels: Sequence[Any], names: Sequence[str], label_key: str, where: Optional[Sequence[str]] = None
+) -> torch.Tensor:
+    """Read `[B, K]` references from B labels for the K reward models named `names`.
 
     Args:
-        labels: one label per sample (dict or JSON string, schema in this module's docstring).
+        labels: one label per row (dict or JSON string, schema in this module's docstring).
         names: reward-model names, in the column order of the rewards.
         label_key: the dataset field name, used in error messages (`--data.label_key`).
+        where: optional description of each row for error messages (default "prompt i").
 
     Returns:
-        float32 tensor `[B, K]`.
+        float32 tensor `[B, K]`. A reference that is missing, not a number, not finite or beyond float32's
+        range raises ValueError naming the row, the field and the reward model.
 
     Example:
         >>> references_from_labels([{"rm": {"reference": 0.5}}], ["rm"], "ref").tolist()
         [[0.5]]
     """
     out: List[List[float]] = []
-    parsed: Dict[str, Dict[str, Any]] = {}  # the n samples of a prompt share one label string: parse it once
+    parsed: Dict[str, Dict[str, Any]] = {}  # identical label strings are parsed once
     for i, label in enumerate(labels):
+        row_name = where[i] if where is not None else f"prompt {i}"
         if isinstance(label, str) and label in parsed:
             label = parsed[label]
         else:
-            key, label = label, parse_label(label, i, label_key)
+            key, label = label, parse_label(label, row_name, label_key)
             if isinstance(key, str):
                 parsed[key] = label
         row = []
         for name in names:
             entry = label.get(name)
             value = entry.get("reference") if isinstance(entry, dict) else None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or abs(value) > FLOAT32_MAX  # before isfinite: a huge int would overflow float()
+                or not math.isfinite(value)
+            ):
                 raise ValueError(
-                    f"prompt {i}: field {label_key!r} has no finite reference for reward model {name!r} "
-                    f"(expected {label_key}.{name}.reference to be a number, got {value!r}; "
+                    f"{row_name}: field {label_key!r} has no finite reference for reward model {name!r} "
+                    f"(expected {label_key}.{name}.reference to be a number within float32 range, got {value!r}; "
                     f"present: {sorted(label)})"
                 )
             row.append(float(value))

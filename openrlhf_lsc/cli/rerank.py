@@ -1,0 +1,342 @@
+"""`python -m openrlhf_lsc.cli.rerank`: best-of-k with K reward models combined by the reward pipeline.
+
+Samples `--rerank.k` responses per prompt (HF `generate` here, OpenRLHF's vLLM engines with `--vllm.num_engines N`),
+scores each with every reward model in `--rm.paths` (local checkpoints, optionally on Ray actors, or `serve_rm`
+URLs), and keeps, per prompt, the candidate of highest utility (`--lsc.*`, as in PPO; ties -> the first sampled).
+Writes to `--output.dir`:
+
+  reranked.jsonl   each input row plus `--output.response_key` (the chosen response, EOS kept as the RMs scored it)
+                   and `rerank`: {"index", "utility", "scores" {rm: score}, "candidates": [{"response", "scores",
+                   "utility"}, ...k]}
+  errors.jsonl     rows that could not be reranked (empty prompt, a candidate without a finite score, a bad
+                   reference label), with `rerank: {"error": ...}`
+  report.json      per RM: mean score of the chosen vs all candidates; mean chosen utility; counts
+  shards/          sampled responses and their scores, `--output.shard_size` prompts per file (written atomically)
+
+Rerunning the same command resumes from the shards. The `--lsc.*` settings only rerank the stored samples and
+scores: change them and rerun to compare AND / weighted / raw on the same candidates without sampling again.
+`--overwrite` starts over; other changed settings without it are an error.
+"""
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, List, Optional
+
+import torch
+from tqdm import tqdm
+
+from openrlhf_lsc.cli.common import (
+    Parser, check_dataset, check_model, check_output_dir, check_reward_model, check_template, guard, integer, listed,
+    number, publish, unpublish,
+)
+from openrlhf_lsc.cli.estimate_reference import _flatten, _reward_fn, _sampler, is_url, rm_names, write_atomic
+from openrlhf_lsc.estimate import ScoreError
+from openrlhf_lsc.references import references_from_labels
+from openrlhf_lsc.rerank import rerank
+from openrlhf_lsc.rewards import AGGREGATES, REFERENCES, TRANSFORMS, RewardSpec
+from openrlhf_lsc.serve_rm import RewardServerError, ServeRMClient
+
+TOOL = "rerank"
+# Settings that change speed, error handling or only the reranking of stored scores, not what the shards hold.
+NOT_IN_FINGERPRINT = {
+    "output.dir", "output.response_key", "overwrite", "debug", "data.label_key", "rm.batch_size", "rm.num_actors",
+    "rm.num_gpus_per_actor", "rm.timeout", "rm.retries", "rollout.batch_size", "vllm.num_engines",
+    "vllm.tensor_parallel_size", "vllm.gpu_memory_utilization", "vllm.enforce_eager", "ds.attn_implementation",
+}
+
+
+def build_parser() -> Parser:
+    p = Parser(TOOL, __doc__)
+    a = p.add_argument
+    a("--data.prompt_dataset", required=True, help="JSONL/JSON/CSV/parquet file, save_to_disk folder or HF dataset")
+    a("--data.prompt_split", default="train", help="split to read from datasets with several")
+    a("--data.input_key", default="input", help="prompt field")
+    a("--data.input_template", default=None, help="prompt template with one {}, e.g. 'User: {}\\nAssistant: '")
+    a("--data.apply_chat_template", action="store_true", help="format prompts with the policy's chat template")
+    a("--data.id_key", default=None, help="unique prompt-id field, used in errors and outputs; None: the row index")
+    a("--data.label_key", default="lsc_ref", help="field holding reference labels (estimate_reference's output), "
+      "read with --lsc.reference label")
+    a("--data.max_samples", type=integer(1), default=int(1e8), help="read at most this many prompts")
+    a("--data.max_len", type=integer(2), default=2048, help="prompt + response tokens, and RM query limit")
+    a("--actor.model_name_or_path", required=True, help="the policy to sample from (its tokenizer formats prompts)")
+    a("--rerank.k", type=integer(1), default=16, help="candidates sampled per prompt (>= 2 for --lsc.reference group)")
+    a("--rollout.max_new_tokens", type=integer(1), default=1024, help="response tokens per sample")
+    a("--rollout.temperature", type=number(0, low_open=True), default=1.0, help="sampling temperature (> 0)")
+    a("--rollout.top_p", type=number(0, 1, low_open=True), default=1.0, help="nucleus sampling, in (0, 1]")
+    a("--rollout.batch_size", type=integer(1), default=8, help="prompts per HF generate call (x k sequences)")
+    a("--vllm.num_engines", type=integer(0), default=0,
+      help="vLLM engines (GPU); 0 = HF generate in this process. Needs --rm.num_actors >= 1 for local RMs")
+    a("--vllm.tensor_parallel_size", type=integer(1), default=1, help="GPUs per vLLM engine")
+    a("--vllm.gpu_memory_utilization", type=number(0, 1, low_open=True), default=0.95,
+      help="fraction of each engine's GPU memory vLLM may use (OpenRLHF's default)")
+    a("--vllm.enforce_eager", action="store_true", help="disable CUDA graphs in vLLM")
+    a("--rm.paths", type=listed(str, "paths or URLs"), required=True,
+      help="comma-separated reward-model checkpoints or serve_rm URLs (http://host:port/get_reward)")
+    a("--rm.names", type=listed(str, "names"), default=None,
+      help="comma-separated RM names, also the keys of the reference labels; None: the basename of each path")
+    a("--rm.batch_size", type=integer(1), default=16, help="queries per RM forward / HTTP request")
+    a("--rm.num_actors", type=integer(0), default=0, help="Ray actors per local RM; 0 = score in this process")
+    a("--rm.num_gpus_per_actor", type=number(0, low_open=True), default=1.0, help="GPUs per RM actor")
+    a("--rm.timeout", type=number(0, low_open=True), default=300.0, help="seconds to wait for a serve_rm answer")
+    a("--rm.retries", type=integer(0), default=4,
+      help="retries of a serve_rm request after a connection error, timeout or HTTP 5xx (backoff 1, 2, 4, ... s)")
+    a("--reward.normalize_enable", action="store_true", help="score with the RMs' normalisation, as PPO does")
+    a("--ds.param_dtype", default="bf16", choices=["bf16", "fp16"], help="dtype of local models")
+    a("--ds.attn_implementation", default="sdpa", help="attention of local models (eager, sdpa, flash_attention_2)")
+    a("--ds.value_head_prefix", default="score", help="name of the reward models' value head")
+    a("--lsc.transform", default="lsc", choices=TRANSFORMS, help="per-RM utility: lsc log σ(r − r_ref), "
+      "sigmoid σ(r − r_ref), center r − r_ref, logsigmoid log σ(r), raw r")
+    a("--lsc.aggregate", default="and", choices=AGGREGATES, help="and: Σ_k u_k; weighted: Σ_k w_k u_k")
+    a("--lsc.weights", type=listed(number(), "weights"), default=None, help="K weights for weighted")
+    a("--lsc.reference", default="group", choices=REFERENCES, help="label: per prompt from --data.label_key; "
+      "group: --lsc.quantile of the prompt's own k candidates; constant: --lsc.reference_value")
+    a("--lsc.quantile", type=number(), default=None, help="quantile in (0, 1) for group; None with group: 0.5")
+    a("--lsc.reference_value", type=listed(number(), "values"), default=None, help="K constants for constant")
+    a("--output.dir", required=True, help="output folder (created if missing)")
+    a("--output.response_key", default="response", help="output field for the chosen response")
+    a("--output.shard_size", type=integer(1), default=256, help="prompts per saved shard of sampled and scored work")
+    a("--overwrite", action="store_true", help="delete this tool's outputs in --output.dir and start over")
+    a("--seed", type=int, default=42, help="seeds sampling (each shard by its index)")
+    return p
+
+
+def check_args(args) -> SimpleNamespace:
+    """Every cross-flag and path check, before anything loads; returns what they derive."""
+    names = rm_names(args.rm.paths, args.rm.names)
+    spec = reward_spec(args, names)
+    if spec.reference == "group" and args.rerank.k < 2:
+        raise ValueError(f"--rerank.k must be >= 1 (>= 2 for --lsc.reference group), got {args.rerank.k}")
+    if args.data.max_len <= args.rollout.max_new_tokens:
+        raise ValueError(f"--data.max_len {args.data.max_len} leaves no room for a prompt with "
+                         f"--rollout.max_new_tokens {args.rollout.max_new_tokens}")
+    check_dataset("--data.prompt_dataset", args.data.prompt_dataset)
+    check_template("--data.input_template", args.data.input_template)
+    if args.data.input_template and args.data.apply_chat_template:
+        raise ValueError("--data.input_template and --data.apply_chat_template both format prompts; give one")
+    check_model("--actor.model_name_or_path", args.actor.model_name_or_path)
+    clients = {}
+    for name, path in zip(names, args.rm.paths):
+        if is_url(path):
+            try:
+                clients[name] = ServeRMClient(path, name, args.rm.batch_size, args.rm.timeout, args.rm.retries)
+            except ValueError as e:
+                raise ValueError(f"--rm.paths: {e}") from None
+        else:
+            check_reward_model("--rm.paths", path, args.ds.value_head_prefix)
+    local = [n for n in names if n not in clients]
+    if args.vllm.num_engines > 0 and local and args.rm.num_actors == 0:
+        raise ValueError(
+            f"--vllm.num_engines {args.vllm.num_engines} puts vLLM engines on the GPUs this process would load the "
+            f"local reward models {local} on: set --rm.num_actors >= 1 to score them in Ray actors (or serve them "
+            "with serve_rm and pass URLs)"
+        )
+    check_output_dir("--output.dir", args.output.dir)
+    return SimpleNamespace(names=names, spec=spec, clients=clients)
+
+
+def reward_spec(args, names: List[str]) -> RewardSpec:
+    """The `RewardSpec` of the `--lsc.*` flags (raises ValueError naming the flag)."""
+    lsc = args.lsc
+    quantile = lsc.quantile if lsc.quantile is not None or lsc.reference != "group" else 0.5
+    return RewardSpec(names=tuple(names), transform=lsc.transform, aggregate=lsc.aggregate, weights=lsc.weights,
+                      reference=lsc.reference, quantile=quantile, reference_value=lsc.reference_value,
+                      label_key=args.data.label_key)
+
+
+def _prepare_dir(out: Path, settings: Dict[str, Any], overwrite: bool) -> None:
+    shards = out / "shards"
+    if overwrite:
+        shutil.rmtree(shards, ignore_errors=True)
+        (out / "run.json").unlink(missing_ok=True)
+        unpublish(out)
+    run = out / "run.json"
+    if run.exists():
+        old = json.loads(run.read_text())
+        diff = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
+        if diff:
+            changes = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
+            raise ValueError(f"{out} holds a run with other settings ({changes}): pass --overwrite to start over "
+                             "or use another --output.dir")
+    elif shards.exists() and any(shards.iterdir()):
+        raise ValueError(f"{shards} has shards but no run.json: pass --overwrite to start over")
+    shards.mkdir(parents=True, exist_ok=True)
+    write_atomic(run, [json.dumps(settings, indent=1, sort_keys=True)])
+
+
+def sample_and_score(prompts: List[str], sampler, reward_fns: Dict[str, Any], k: int) -> List[Dict[str, Any]]:
+    """k candidates per prompt and every RM's score of each: one shard's records (None marks a failed score)."""
+    records: List[Dict[str, Any]] = [{"error": "empty prompt"} if not p.strip() else {} for p in prompts]
+    live = [i for i, p in enumerate(prompts) if p.strip()]
+    if not live:
+        return records
+    responses = sampler([prompts[i] for i in live], k)
+    if len(responses) != len(live) or any(len(r) != k for r in responses):
+        raise RuntimeError(f"sampler returned {[len(r) for r in responses]} responses for {len(live)} prompts, expected {k} each")
+    flat_p = [prompts[i] for i in live for _ in range(k)]
+    flat_r = [r for rs in responses for r in rs]
+    for i, rs in zip(live, responses):
+        records[i] = {"responses": rs, "scores": {}}
+    for name, fn in reward_fns.items():
+        try:
+            scores = list(fn(flat_p, flat_r))
+        except ScoreError:  # an unusable answer for the batch: score prompt by prompt to find the failing ones
+            scores = []
+            for j in range(len(live)):
+                try:
+                    scores += list(fn(flat_p[j * k : (j + 1) * k], flat_r[j * k : (j + 1) * k]))
+                except ScoreError:
+                    scores += [None] * k
+        if len(scores) != len(flat_p):
+            raise RuntimeError(f"reward model {name!r} returned {len(scores)} scores for {len(flat_p)} responses")
+        for j, i in enumerate(live):
+            row = scores[j * k : (j + 1) * k]
+            records[i]["scores"][name] = [float(v) if v is not None and math.isfinite(float(v)) else None for v in row]
+    return records
+
+
+def finish(records: List[Dict[str, Any]], spec: RewardSpec, labels: Optional[List[Any]], where: List[str]):
+    """Rerank the stored candidates: returns (results per prompt, each {"rerank": ...} or {"error": ...}; report)."""
+    names = spec.names
+    results: List[Dict[str, Any]] = [{} for _ in records]
+    good = []
+    for i, rec in enumerate(records):
+        if "error" in rec:
+            results[i] = {"error": rec["error"]}
+            continue
+        failed = [(n, j) for n in names for j, v in enumerate(rec["scores"][n]) if v is None]
+        if failed:
+            n, j = failed[0]
+            results[i] = {"error": f"reward model {n!r} gave no finite score for candidate {j} "
+                                   f"({len(failed)} failed scores)"}
+            continue
+        if spec.reference == "label":
+            try:
+                references_from_labels([labels[i]], names, spec.label_key, [where[i]])
+            except ValueError as e:
+                results[i] = {"error": str(e)}
+                continue
+        good.append(i)
+    report: Dict[str, Any] = {"prompts": len(records), "reranked": len(good), "errors": len(records) - len(good)}
+    if not good:
+        return results, report
+    scores = torch.tensor([[[records[i]["scores"][n][j] for n in names] for j in range(len(records[i]["responses"]))]
+                           for i in good], dtype=torch.float64)
+    chosen, utility = rerank(scores, spec, [labels[i] for i in good] if spec.reference == "label" else None,
+                             [where[i] for i in good])
+    for row, i in enumerate(good):
+        c, rec = chosen[row].item(), records[i]
+        candidates = [{"response": r, "scores": {n: rec["scores"][n][j] for n in names}, "utility": utility[row, j].item()}
+                      for j, r in enumerate(rec["responses"])]
+        results[i] = {"response": rec["responses"][c], "rerank": {"index": c, "utility": utility[row, c].item(),
+                                                                  "scores": candidates[c]["scores"],
+                                                                  "candidates": candidates}}
+    picked = scores[torch.arange(len(good)), chosen]  # [P, K]
+    report["rms"] = {n: {"chosen_mean": picked[:, j].mean().item(), "candidates_mean": scores[:, :, j].mean().item()}
+                     for j, n in enumerate(names)}
+    report["utility"] = {"chosen_mean": utility.max(1).values.mean().item(), "candidates_mean": utility.mean().item()}
+    return results, report
+
+
+def run(args, checked: SimpleNamespace) -> Dict[str, Any]:
+    """Run the reranker for parsed, checked arguments; returns the report."""
+    from openrlhf_lsc.integration import estimate_io
+
+    names, spec, k = checked.names, checked.spec, args.rerank.k
+    for name, client in checked.clients.items():  # a wrong URL fails now, not after the policy has loaded
+        try:
+            client.score(["Hello"])
+        except RewardServerError as e:
+            raise ValueError(f"--rm.paths: {e}") from None
+
+    tokenizer = estimate_io.load_tokenizer(args.actor.model_name_or_path, "--actor.model_name_or_path")
+    rows, prompts, ids = estimate_io.load_prompts(
+        args.data.prompt_dataset, args.data.input_key, args.data.id_key, tokenizer, args.data.apply_chat_template,
+        args.data.input_template, args.data.prompt_split, args.data.max_samples,
+    )
+    for key in (args.output.response_key, "rerank"):
+        if key in rows.column_names:
+            raise ValueError(f"the prompt rows already have a field {key!r}: choose another --output.response_key "
+                             "or rename the field")
+    labels = None
+    if spec.reference == "label":
+        if args.data.label_key not in rows.column_names:
+            raise ValueError(f"--lsc.reference label reads the field {args.data.label_key!r} (--data.label_key), which "
+                             f"the rows of {args.data.prompt_dataset} do not have; fields: {sorted(rows.column_names)}")
+        labels = list(rows[args.data.label_key])
+
+    flat = {key: v for key, v in _flatten(args).items() if key not in NOT_IN_FINGERPRINT and not key.startswith("lsc.")}
+    flat["prompts_sha256"] = hashlib.sha256(json.dumps([prompts, ids], default=str).encode()).hexdigest()
+    out = Path(args.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _prepare_dir(out, flat, args.overwrite)
+
+    size = args.output.shard_size
+    shard_path = lambda s: out / "shards" / f"shard-{s:05d}.jsonl"  # noqa: E731
+    num_shards = (len(prompts) + size - 1) // size
+    pending = [s for s in range(num_shards) if not shard_path(s).exists()]
+    if pending:
+        if args.vllm.num_engines > 0 or args.rm.num_actors > 0:
+            import ray
+
+            if not ray.is_initialized():
+                ray.init()
+        sampler = _sampler(args, tokenizer)
+        reward_fns = {n: _reward_fn(n, p, args, checked) for n, p in zip(names, args.rm.paths)}
+        done = len(prompts) - sum(min(size, len(prompts) - s * size) for s in pending)
+        with tqdm(total=len(prompts), initial=done, unit="prompt", desc="sample and score") as bar:
+            for s in pending:
+                lo, hi = s * size, min((s + 1) * size, len(prompts))
+                torch.manual_seed(args.seed + s)  # a resumed shard draws what an uninterrupted run would
+                records = sample_and_score(prompts[lo:hi], sampler, reward_fns, k)
+                write_atomic(shard_path(s), (json.dumps({"index": lo + j, "id": ids[lo + j], **r})
+                                             for j, r in enumerate(records)))
+                bar.update(hi - lo)
+
+    records: List[Optional[Dict[str, Any]]] = [None] * len(prompts)
+    for s in range(num_shards):
+        for line in shard_path(s).read_text().splitlines():
+            rec = json.loads(line)
+            if records[rec["index"]] is not None:
+                raise RuntimeError(f"prompt {rec['index']} appears twice in {out / 'shards'}: rerun with --overwrite")
+            records[rec["index"]] = rec
+    missing = [i for i, r in enumerate(records) if r is None]
+    if missing:
+        raise RuntimeError(f"prompts {missing[:10]} are missing from {out / 'shards'}: rerun with --overwrite")
+
+    where = [f"row {i} (id {ids[i]!r})" for i in range(len(prompts))]
+    results, report = finish(records, spec, labels, where)
+    good, bad = [], []
+    for row, res in tqdm(zip(rows, results), total=len(results), desc="write output"):
+        if "error" in res:
+            bad.append(json.dumps({**row, "rerank": {"error": res["error"]}}, default=str))
+        else:
+            good.append(json.dumps({**row, args.output.response_key: res["response"], "rerank": res["rerank"]},
+                                   default=str))
+    report.update(k=k, spec={key: v for key, v in vars(spec).items()}, output=str(out / "reranked.jsonl"))
+
+    def write(folder: Path) -> None:
+        write_atomic(folder / "reranked.jsonl", good)
+        write_atomic(folder / "errors.jsonl", bad)
+        write_atomic(folder / "report.json", [json.dumps(report, indent=1)])
+
+    publish(out, write)
+    return report
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """The CLI: user errors exit 2 with one line (`--debug` shows the traceback)."""
+    args = build_parser().parse(argv)
+    report = guard(TOOL, args.debug, lambda: run(args, check_args(args)))
+    for name, r in report.get("rms", {}).items():
+        print(f"{name}: chosen mean {r['chosen_mean']:.4f} vs all candidates {r['candidates_mean']:.4f}")
+    print(f"wrote {report['output']} ({report['reranked']} prompts, {report['errors']} in errors.jsonl)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

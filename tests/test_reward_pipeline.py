@@ -1,0 +1,166 @@
+"""The one reward pipeline (`reward_utilities` + `RewardSpec`), the sigmoid transform and the API's input rules,
+checked against numpy and hypothesis properties."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from openrlhf_lsc import RewardSpec, aggregate_rewards, group_quantile_reference, references_from_labels
+from openrlhf_lsc import reward_utilities, transform_reward
+
+
+def log_sigmoid(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def label(**refs):
+    return json.dumps({name: {"reference": v, "method": "test"} for name, v in refs.items()})
+
+
+def test_sigmoid_transform_against_numpy_and_bounds():
+    r = torch.tensor([-30.0, -1.0, 0.0, 2.5, 30.0], dtype=torch.float64)
+    ref = torch.full_like(r, 0.5)
+    u = transform_reward(r, ref, "sigmoid")
+    np.testing.assert_allclose(u.numpy(), 1 / (1 + np.exp(-(r.numpy() - 0.5))), rtol=1e-12, atol=0)
+    assert ((u > 0) & (u < 1)).all() and (u.diff() > 0).all()
+    # bf16 input: fp32 compute, still inside (0, 1] after rounding and monotone
+    low = transform_reward(r.bfloat16(), ref.bfloat16(), "sigmoid")
+    assert low.dtype == torch.float32 and (low >= 0).all() and (low <= 1).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 3), st.integers(2, 4), st.sampled_from(["lsc", "center", "sigmoid", "raw"]),
+       st.integers(0, 10_000))
+def test_label_references_match_numpy(prompts, k, n, transform, seed):
+    g = np.random.default_rng(seed)
+    rewards = g.normal(0, 3, size=(prompts * n, k))
+    refs = g.normal(0, 1, size=(prompts, k))
+    names = [f"rm{j}" for j in range(k)]
+    labels = [label(**dict(zip(names, refs[i].tolist()))) for i in range(prompts) for _ in range(n)]
+    spec = RewardSpec(names=tuple(names), transform=transform, reference="label", label_key="ref")
+    u, m = reward_utilities(torch.tensor(rewards), spec, labels, group_size=n)
+    margin = rewards - np.repeat(refs.astype(np.float32).astype(np.float64), n, axis=0)
+    per_rm = {"lsc": log_sigmoid(margin), "center": margin, "sigmoid": 1 / (1 + np.exp(-margin)), "raw": rewards}
+    np.testing.assert_allclose(u.numpy(), per_rm[transform].sum(1), rtol=1e-9, atol=1e-9)
+    for j, name in enumerate(names):
+        np.testing.assert_allclose(m[f"lsc/{name}/margin"].numpy(), margin[:, j], rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(m[f"lsc/{name}/above_ref"].numpy(), (margin[:, j] > 0).astype(float))
+        np.testing.assert_array_equal(m[f"lsc/{name}/reward"].numpy(), rewards[:, j])
+        np.testing.assert_allclose(m[f"lsc/{name}/utility"].numpy(), per_rm[transform][:, j], rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(m["lsc/utility"].numpy(), u.numpy())
+
+
+def test_weighted_group_and_constant_references():
+    r = torch.tensor([[3.0, 1.0], [0.0, 5.0], [2.0, 2.5], [1.0, -1.0]], dtype=torch.float64)
+    spec = RewardSpec(names=("a", "b"), transform="center", aggregate="weighted", weights=(0.25, 2.0),
+                      reference="group", quantile=0.5)
+    u, m = reward_utilities(r, spec, group_size=2)
+    med = np.repeat(np.median(r.numpy().reshape(2, 2, 2), axis=1), 2, axis=0)
+    np.testing.assert_allclose(u.numpy(), ((r.numpy() - med) * [0.25, 2.0]).sum(1), rtol=1e-12)
+    torch.testing.assert_close(group_quantile_reference(r, 2, 0.5), torch.tensor(med))
+
+    const = RewardSpec(names=("a", "b"), transform="lsc", reference="constant", reference_value=(1.0, -2.0))
+    u, _ = reward_utilities(r, const)
+    np.testing.assert_allclose(u.numpy(), log_sigmoid(r.numpy() - [1.0, -2.0]).sum(1), rtol=1e-12)
+    torch.testing.assert_close(u, aggregate_rewards(r, torch.tensor([1.0, -2.0], dtype=torch.float64), "lsc"))
+
+
+def test_raw_single_reward_is_the_reward_itself():
+    r = torch.tensor([[0.1], [-7.25], [3.0]])
+    u, m = reward_utilities(r, RewardSpec(names=("rm",)))
+    assert torch.equal(u, r[:, 0]) and "lsc/rm/margin" not in m
+
+
+def test_labels_are_parsed_once_per_prompt():
+    calls = []
+
+    class Counting(dict):
+        def get(self, key, default=None):
+            calls.append(key)
+            return dict.get(self, key, default)
+
+    labels = [Counting(rm={"reference": 0.0})] * 8 + [Counting(rm={"reference": 1.0})] * 8
+    reward_utilities(torch.zeros(16, 1), RewardSpec(names=("rm",), transform="lsc", reference="label"), labels, 8)
+    assert len(calls) == 2
+
+
+def test_label_errors_name_the_prompt():
+    spec = RewardSpec(names=("rm",), transform="lsc", reference="label", label_key="ref")
+    good, bad = label(rm=0.0), json.dumps({"other": {"reference": 1.0}})
+    with pytest.raises(ValueError, match=r"prompt 'how\?': field 'ref' has no finite reference for reward model 'rm'"):
+        reward_utilities(torch.zeros(4, 1), spec, [good, good, bad, bad], 2, where=["prompt 'ok'", "prompt 'how?'"])
+    with pytest.raises(ValueError, match="prompt 1: its 2 samples carry different 'ref' labels"):
+        reward_utilities(torch.zeros(4, 1), spec, [good, good, good, label(rm=1.0)], 2)
+    with pytest.raises(ValueError, match="needs one label per sample: 4 samples, 3 labels"):
+        reward_utilities(torch.zeros(4, 1), spec, [good] * 3, 2)
+    for huge in (1e300, 10**400, float("nan"), True, "1.5"):
+        with pytest.raises(ValueError, match="prompt 0: field 'ref'"):
+            references_from_labels([{"rm": {"reference": huge}}], ["rm"], "ref")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(names=()), "--lsc.reward_names"),
+        (dict(names=("a", "")), "--lsc.reward_names"),
+        (dict(names=("a", "a")), "not unique"),
+        (dict(names=("a",), transform="tanh"), "--lsc.transform"),
+        (dict(names=("a",), aggregate="or"), "--lsc.aggregate"),
+        (dict(names=("a",), aggregate="or", weights=(1.0,)), "--lsc.aggregate"),
+        (dict(names=("a",), reference="sft"), "--lsc.reference"),
+        (dict(names=("a", "b"), aggregate="weighted"), "--lsc.weights"),
+        (dict(names=("a", "b"), aggregate="weighted", weights=(1.0,)), "--lsc.weights needs 2 values"),
+        (dict(names=("a", "b"), aggregate="weighted", weights=(1.0, float("nan"))), "--lsc.weights values must be finite"),
+        (dict(names=("a",), weights=(1.0,)), "--lsc.weights is only used"),
+        (dict(names=("a",), transform="lsc"), "needs a reference"),
+        (dict(names=("a",), transform="sigmoid"), "needs a reference"),
+        (dict(names=("a",), reference="group"), "--lsc.quantile"),
+        (dict(names=("a",), reference="group", quantile=1.0), "--lsc.quantile"),
+        (dict(names=("a",), reference="group", quantile=0.0), "--lsc.quantile"),
+        (dict(names=("a",), quantile=0.5), "--lsc.quantile is only used"),
+        (dict(names=("a",), reference="constant"), "--lsc.reference_value"),
+        (dict(names=("a", "b"), reference="constant", reference_value=(1.0,)), "--lsc.reference_value needs 2"),
+        (dict(names=("a",), reference="constant", reference_value=(float("inf"),)), "must be finite"),
+        (dict(names=("a",), reference_value=(1.0,)), "--lsc.reference_value is only used"),
+        (dict(names=("a",), reference="label", label_key=""), "--data.label_key"),
+    ],
+)
+def test_spec_refuses_inconsistent_flags(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RewardSpec(**kwargs)
+
+
+def test_spec_accepts_documented_edges():
+    spec = RewardSpec(names=["a", "b"], aggregate="weighted", weights=[-1, 2], reference="group", quantile=0.5)
+    assert spec.names == ("a", "b") and spec.weights == (-1.0, 2.0)
+    assert RewardSpec(names=("a",), transform="raw", reference="label").reference == "label"  # metrics only
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda s: reward_utilities(torch.zeros(4), s), r"rewards must be \[N, 1\]"),
+        (lambda s: reward_utilities(torch.zeros(4, 2), s), r"rewards must be \[N, 1\]"),
+        (lambda s: reward_utilities(torch.tensor([[0.0], [float("nan")]]), s), "reward model 'rm' returned nan for sample 1"),
+        (lambda s: reward_utilities(torch.zeros(3, 1), s, group_size=2), "do not split into prompts of 2"),
+        (lambda s: reward_utilities(torch.zeros(3, 1), s, group_size=0), "do not split into prompts of 0"),
+        (lambda s: transform_reward(torch.zeros(3), torch.zeros(3, 1), "lsc"), "references must have the rewards' shape"),
+        (lambda s: aggregate_rewards(torch.zeros(3, 0), None, "raw"), "K >= 1"),
+        (lambda s: aggregate_rewards(torch.zeros(2, 2, 2), None, "raw"), r"\[B, K\]"),
+        (lambda s: aggregate_rewards(torch.zeros(2, 2), torch.zeros(1, 2), "lsc"), "references of shape"),
+        (lambda s: group_quantile_reference(torch.tensor([0.0, float("nan")]), 2, 0.5), "rewards must be finite"),
+        (lambda s: group_quantile_reference(torch.zeros(2, 2, 2), 2, 0.5), r"\[B\] or \[B, K\]"),
+    ],
+)
+def test_api_input_rules(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(RewardSpec(names=("rm",)))
+
+
+def test_scalar_reference_is_the_documented_exception():
+    u = transform_reward(torch.tensor([0.0, 2.0]), torch.tensor(1.0), "center")
+    assert u.tolist() == [-1.0, 1.0]
