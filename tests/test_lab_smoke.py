@@ -190,3 +190,14 @@ def test_gold_scores_do_not_depend_on_string_hashing():
     outs = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
                            capture_output=True, text=True, check=True).stdout for seed in ("1", "2", "3")}
     assert len(outs) == 1
+
+
+def test_sampled_responses_always_end_with_one_eos():
+    """Responses still open at the length limit are closed with EOS there: the reward models always read an EOS."""
+    policy = models.new_policy(0, hidden=32)  # untrained: EOS is rare, most responses hit the limit
+    prompts = models.encode_prompts([p.text for p in world.make_prompts(0)[:64]])
+    responses = models.sample(policy, prompts, torch.Generator().manual_seed(0))
+    assert ((responses == models.EOS).sum(1) == 1).all()
+    assert (responses[:, -1] == models.EOS).float().mean() > 0.5
+    eos_at = (responses == models.EOS).float().argmax(1)
+    assert (models.action_mask(responses).sum(1) == eos_at + 1).all()  # the actions run up to and including the EOS

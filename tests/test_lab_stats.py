@@ -114,14 +114,26 @@ def test_kl_staircase_targets_ramp_then_hold():
 def test_kl_controller_update_is_the_documented_pi_rule():
     cfg = ppo.PPOConfig(steps=10, kl_targets=(2.0,), kl_ramp=0.1, kl_coef=0.5)  # target 2 from step 0
     ctl = ppo.KLController(cfg)
-    ctl.update(4.0, step=3)  # KL twice the target: e = log 2
+    ctl.update(4.0, step=3)  # first measurement: no trend yet; KL twice the target, e = log 2
     e = math.log(2.0)
-    assert ctl.integral == pytest.approx(0.5 * math.exp(ctl.KI * e))
+    assert ctl.integral == pytest.approx(0.5 * math.exp(ctl.KI_UP * e))
     assert ctl.value == pytest.approx(ctl.integral * math.exp(ctl.KP * e))
-    ctl.update(1.0, step=4)  # half the target: the coefficient falls below the integral
-    assert ctl.value < ctl.integral < 0.5 * math.exp(ctl.KI * e)
-    ctl.update(-3.0, step=5)  # a negative KL estimate counts as 1% of the target, error clipped at -1
-    assert ctl.value == pytest.approx(ctl.integral * math.exp(-ctl.KP))
+    before = ctl.integral
+    ctl.update(1.0, step=4)  # smoothed 2.5 (falling: no lookahead), e = log(2.5 / 2)
+    e = math.log(2.5 / 2.0)
+    assert ctl.smoothed == pytest.approx(2.5)
+    assert ctl.integral == pytest.approx(before * math.exp(ctl.KI_UP * e))
+    assert ctl.value == pytest.approx(ctl.integral * math.exp(ctl.KP * e))
+    ctl.update(2.7, step=5)  # smoothed 2.6, rising by 0.1 near the target: predicted 2.6 + LOOKAHEAD * 0.1
+    e = math.log((2.6 + ctl.LOOKAHEAD * 0.1) / 2.0)
+    assert ctl.value == pytest.approx(ctl.integral * math.exp(ctl.KP * e))
+    low = ppo.KLController(cfg)
+    low.update(0.8, step=0)  # e = log(0.4)
+    low.update(1.2, step=1)  # smoothed 1.0, rising, but below 80% of the target: no lookahead; the integral falls slowly
+    e = math.log(1.0 / 2.0)
+    assert low.integral == pytest.approx(0.5 * math.exp(low.KI_DOWN * math.log(0.4)) * math.exp(low.KI_DOWN * e))
+    assert low.value == pytest.approx(low.integral * math.exp(low.KP * e))
+    assert ctl.KI_UP > ctl.KI_DOWN
     fixed = ppo.KLController(ppo.PPOConfig(kl_coef=0.3))
     fixed.update(100.0, step=0)
     assert fixed.value == 0.3
@@ -151,7 +163,9 @@ def test_paper_rule_and_reference_sets():
     full = ex.PRESETS["full"]
     assert len(full.seeds) >= 5 and len(full.ppo_seeds) >= 3 and len(full.weights) == len(full.and_refs)
     assert not set(full.val_seeds) & set(full.ppo_seeds)
-    assert max(full.kl_targets) >= 3 * 2.0  # at least 3x the KL where raw peaks in the lab's worlds (about 2)
+    assert max(full.compare_kls) >= 3 * 2.0  # at least 3x the KL where raw peaks in the lab's worlds (about 2)
+    for cfg in ex.PRESETS.values():  # the largest comparison KL lies inside the staircase, so stairs bracket it
+        assert max(cfg.compare_kls) < max(cfg.kl_targets) and min(cfg.compare_kls) > 0
 
 
 # ---------------------------------------------------------------- the world over-optimises

@@ -8,7 +8,8 @@ The protocol (`run_lab`):
 1. setup of every world (`Lab.setup`), then the over-optimisation check: raw PPO on the helpfulness proxy (validation
    PPO seed, validation prompts) must show a gold win-rate peak followed by a decline as KL grows, or the lab stops;
 2. every PPO run walks up the same KL staircase (`LabConfig.kl_targets`, `ppo.KLController`) and is evaluated at the
-   end of each stair, so every method covers the same KL range;
+   end of each stair, so every method covers the same KL range; methods are compared at `compare_kls`, read between
+   the stairs around each (the last stair sits above the largest, so that one is bracketed too);
 3. tuning on validation: each weighted-sum weight and each AND reference setting (as many as weights) runs with the
    validation PPO seeds and is scored on the validation prompts; the best of each side, and AND with references
    derived from the best weight by the paper's rule, then run with the test seeds and are scored on test prompts;
@@ -43,6 +44,7 @@ from tqdm.auto import tqdm
 
 from openrlhf_lsc.estimate import estimate_references
 from openrlhf_lsc.lab import models, ppo, stats, world
+from openrlhf_lsc.rewards import NEEDS_REFERENCE
 
 PROPERTIES = ("helpful", "harmless")
 # Win definitions (paper 1, section 5): beat the SFT 85th percentile of gold helpfulness, the 95th of gold
@@ -54,7 +56,6 @@ BOTH_LEVEL = 0.5
 REF_QUANTILES = (0.5, 0.75, 0.85)
 SINGLE_Q = 0.85
 CANNED = ("sorry i cannot help with that", "i cannot help with that", "sorry i cannot help")
-NEEDS_REFERENCE = ("lsc", "center", "sigmoid")
 SHORTCUTS = ("list", "consult", "repeat", "over_budget", "extra_consult")
 
 
@@ -79,7 +80,8 @@ class LabConfig:
     bon_pool: int = 192  # further SFT samples per eval prompt: the KL-0 point, best-of-k and the frontier
     eval_samples: int = 8  # policy samples per eval prompt at each KL stair
     eval_fraction: float = 0.3  # of the prompts, split evenly into validation and test prompts
-    kl_targets: Tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 12.0)  # the KL staircase every run walks up (nats)
+    kl_targets: Tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 14.0)  # the KL staircase every run walks up (nats)
+    compare_kls: Tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 12.0)  # where methods are compared (inside the staircase)
     kl_start: float = 0.1  # initial KL coefficient, in units of the std of the run's utility over SFT samples
     single_helpful: Tuple[str, ...] = ("raw", "lsc")  # transform[@reference set]; see `single_method`
     single_harmless: Tuple[str, ...] = ()
@@ -120,6 +122,7 @@ PRESETS = {
         bon_pool=32,
         eval_samples=4,
         kl_targets=(0.2, 0.5),
+        compare_kls=(0.1, 0.3),
         weights=(0.5,),
         and_refs=((0.5, 0.5),),
         bok_ks=(1, 4, 16),
@@ -683,7 +686,7 @@ def run_one(out: str, cfg: LabConfig, run: Dict, progress: bool = True) -> str:
     n_train = refs["train_prompts"]
     labels = refs["labels"][run["label_set"]][:n_train] if run["label_set"] else [{}] * n_train
     pipeline = ppo.RewardPipeline([rms[p] for p in run["properties"]], run["properties"], labels,
-                                  run["transform"], run["aggregate"], run["weights"])
+                                  run["transform"], run["aggregate"], run["weights"], run["label_key"] or ppo.LABEL_KEY)
     std = utility_std(run, refs, pools)
     pcfg = ppo.PPOConfig(**{**cfg.ppo, "kl_coef": cfg.kl_start * std, "kl_targets": tuple(cfg.kl_targets)})
     prompts, rows = lab.split(run["split"])
@@ -757,21 +760,25 @@ def setup_all(out: str, cfg: LabConfig) -> None:
 # ---------------------------------------------------------------- checks and tuning
 
 
-def overoptimisation_check(cfg: LabConfig, records: Dict) -> Dict[str, Dict]:
+def overoptimisation_check(out: str, cfg: LabConfig, records: Dict) -> Dict[str, Dict]:
     """Per world: raw PPO's helpfulness win rate (validation seeds and prompts) at each KL stair, and whether it
-    peaks and then falls by at least `overopt_margin` by the last stair."""
-    out = {}
+    rises above the SFT policy's by at least `overopt_margin`, peaks before the last stair and falls from the peak by
+    at least `overopt_margin` by the last stair."""
+    result = {}
     for s in cfg.seeds:
+        lab, *_, pools, thr = _load(out, cfg, s)
+        sft = float(sft_point(pools, thr)["win_helpful"][lab.split("val")[1]].mean())
         recs = [records[(s, r["id"])] for r in check_runs(cfg) if r["world"] == s]
         kl = np.mean([[st["kl"] for st in rec["stairs"]] for rec in recs], 0)
         win = np.mean([[st["mean"]["win_helpful"] for st in rec["stairs"]] for rec in recs], 0)
         gold = np.mean([[st["mean"]["gold_helpful"] for st in rec["stairs"]] for rec in recs], 0)
         peak = int(np.argmax(win))
-        drop = float(win[peak] - win[-1])
-        out[str(s)] = {"kl": kl.tolist(), "win": win.tolist(), "gold": gold.tolist(), "peak_kl": float(kl[peak]),
-                       "drop_after_peak": drop,
-                       "passed": bool(peak < len(win) - 1 and drop >= (cfg.overopt_margin or 0.0) and drop > 0)}
-    return out
+        rise, drop = float(win[peak] - sft), float(win[peak] - win[-1])
+        margin = cfg.overopt_margin or 0.0
+        result[str(s)] = {"sft_win": sft, "kl": kl.tolist(), "win": win.tolist(), "gold": gold.tolist(),
+                          "peak_kl": float(kl[peak]), "rise_to_peak": rise, "drop_after_peak": drop,
+                          "passed": bool(peak < len(win) - 1 and min(rise, drop) >= margin and drop > 0)}
+    return result
 
 
 def select(cfg: LabConfig, out: str, records: Dict) -> Dict[str, Dict]:
@@ -781,19 +788,21 @@ def select(cfg: LabConfig, out: str, records: Dict) -> Dict[str, Dict]:
     for s in cfg.seeds:
         lab, *_ , pools, thr = _load(out, cfg, s)
         sft = {k: v[lab.split("val")[1]] for k, v in sft_point(pools, thr).items()}
-        scores = {}
+        curves = {}
         for r in tuning_runs(cfg):
             if r["world"] == s:
-                curve = matched(records[(s, r["id"])], sft, "win_both", cfg.kl_targets).mean(-1)
-                scores.setdefault(r["method"], []).append(float(np.nanmean(curve)) if np.isfinite(curve).any() else np.nan)
-        scores = {m: float(np.mean(v)) if np.isfinite(v).all() else None for m, v in scores.items()}
+                curve = matched(records[(s, r["id"])], sft, "win_both", cfg.compare_kls).mean(-1)
+                curves.setdefault(r["method"], []).append(curve)
+        # Scored over the KLs every setting reached: skipping a hard-to-reach (usually worse) KL is no advantage.
+        common = np.all([np.isfinite(c).all(0) for c in map(np.array, curves.values())], 0)
+        scores = {m: float(np.mean(np.array(c)[:, common])) if common.any() else None for m, c in curves.items()}
 
         def score(m: str) -> float:  # a setting that reached no target KL ranks last
             return -math.inf if scores[m] is None else scores[m]
 
         best_w = max(cfg.weights, key=lambda w: score(f"weighted w={w:g}"))
         best_ref = max(map(tuple, cfg.and_refs), key=lambda q: score(f"lsc AND q=({q[0]:g},{q[1]:g})"))
-        sel[str(s)] = {"scores": scores, "weight": best_w, "and_ref": list(best_ref), "paper_rule": list(paper_rule(best_w))}
+        sel[str(s)] = {"scores": scores, "scored_kls": [k for k, c in zip(cfg.compare_kls, common) if c], "weight": best_w, "and_ref": list(best_ref), "paper_rule": list(paper_rule(best_w))}
     return sel
 
 
@@ -958,7 +967,7 @@ def analyse(out: str, cfg: LabConfig, records: Dict, selections: Dict, checks: D
         out_ = {}
         for s, rs in runs.items():
             cols = np.flatnonzero(worlds[s]["sensitive"]) if subset == "sensitive" else None
-            out_[s] = np.stack([matched(records[(s, r["id"])], worlds[s]["sft"], metric, cfg.kl_targets, cols) for r in rs])
+            out_[s] = np.stack([matched(records[(s, r["id"])], worlds[s]["sft"], metric, cfg.compare_kls, cols) for r in rs])
         return out_
 
     comparisons = []
@@ -969,7 +978,7 @@ def analyse(out: str, cfg: LabConfig, records: Dict, selections: Dict, checks: D
             continue
         sign = 1.0 if row["higher_better"] else -1.0
         per_target, per_world = [], {}
-        for t, target in enumerate(cfg.kl_targets):
+        for t, target in enumerate(cfg.compare_kls):
             diffs = [sign * (ca[s][:, t] - cb[s][:, t]) for s in cfg.seeds]
             if any(not np.isfinite(d).all() for d in diffs):
                 per_target.append({"target": target, "reached": False})
@@ -984,8 +993,8 @@ def analyse(out: str, cfg: LabConfig, records: Dict, selections: Dict, checks: D
     verdicts = {}
     for claim in CLAIMS:
         rows_ = [c for c in comparisons if c["claim"] == claim]
-        if rows_:
-            verdicts[claim] = {"text": CLAIMS[claim], "verdict": stats.combine([c["verdict"] for c in rows_])}
+        verdicts[claim] = {"text": CLAIMS[claim],
+                           "verdict": stats.combine([c["verdict"] for c in rows_]) if rows_ else "not run in this mode"}
 
     # Curves with bands for the plots: pooled mean and bootstrap interval of each method's metric at each target.
     groups = {"single_helpful": ("single", "helpful", cfg.single_helpful, "win_helpful", "all"),
@@ -1003,7 +1012,7 @@ def analyse(out: str, cfg: LabConfig, records: Dict, selections: Dict, checks: D
                     continue
                 band = [stats.bootstrap([c[s][:, t] for s in cfg.seeds], cfg.bootstrap, seed=t)
                         if all(np.isfinite(c[s][:, t]).all() for s in cfg.seeds) else None
-                        for t in range(len(cfg.kl_targets))]
+                        for t in range(len(cfg.compare_kls))]
                 sft_value = float(np.mean([worlds[s]["sft"][metric_][np.flatnonzero(worlds[s]["sensitive"])]
                                            .mean() if subset == "sensitive" else worlds[s]["sft"][metric_].mean()
                                            for s in cfg.seeds]))
@@ -1018,7 +1027,13 @@ def analyse(out: str, cfg: LabConfig, records: Dict, selections: Dict, checks: D
                 points.setdefault(g, {})[m] = [[st["kl"] for st in records[(s, r["id"])]["stairs"]]
                                                for s, rs in runs.items() for r in rs]
 
-    kl_max = max(cfg.kl_targets)
+    # Where the SFT policy's answers stand (test prompts, mean over worlds): its best of `bon_pool` by the proxy and
+    # its median by gold. Policies whose mean proxy passes the first while their gold falls below the second hack.
+    sft_lines = {"proxy_helpful_best_of_pool": float(np.mean([w["pools"]["bon_proxy_helpful"][w["lab"].split("test")[1]]
+                                                              .max(1).mean() for w in worlds.values()])),
+                 "gold_helpful_median": float(np.mean([w["thr"]["median_helpful"][w["lab"].split("test")[1]].mean()
+                                                       for w in worlds.values()]))}
+    kl_max = max(cfg.compare_kls)
     bok = [best_of_k(w["pools"], w["refs"], cfg.bok_ks, cfg.weights, w["thr"]) for w in worlds.values()]
     fronts = [frontiers(w["pools"], w["thr"], kl_max * 1.2) for w in worlds.values()]
     results = {
@@ -1027,6 +1042,7 @@ def analyse(out: str, cfg: LabConfig, records: Dict, selections: Dict, checks: D
         "comparisons": comparisons,
         "curves": curves,
         "stair_kls": points,
+        "sft_lines": sft_lines,
         "checks": checks,
         "selections": selections,
         "best_of_k": {"k": bok[0]["k"], "kl_formula": bok[0]["kl_formula"],
@@ -1126,13 +1142,14 @@ def run_lab(out: str, cfg: LabConfig) -> Dict:
     pin_config(out, cfg)
     setup_all(out, cfg)
     records = run_all(out, cfg, check_runs(cfg), "over-optimisation check")
-    checks = overoptimisation_check(cfg, records)
+    checks = overoptimisation_check(out, cfg, records)
     failed = [s for s, c in checks.items() if not c["passed"]]
     if failed and cfg.overopt_margin is not None:
-        detail = "; ".join(f"world {s}: win " + ", ".join(f"{w:.3f}@KL{k:.1f}" for k, w in zip(c["kl"], c["win"]))
+        detail = "; ".join(f"world {s}: win {c['sft_win']:.3f}@KL0, " + ", ".join(f"{w:.3f}@KL{k:.1f}" for k, w in zip(c["kl"], c["win"]))
                            for s, c in checks.items() if s in failed)
-        raise ValueError(f"raw PPO on the helpfulness proxy does not over-optimise (no win-rate peak followed by a drop "
-                         f"of >= {cfg.overopt_margin}) in {detail}; the benchmark needs that regime: use other --seeds")
+        raise ValueError(f"raw PPO on the helpfulness proxy does not over-optimise (no win-rate rise of >= "
+                         f"{cfg.overopt_margin} over SFT to a peak followed by a drop of >= {cfg.overopt_margin}) in "
+                         f"{detail}; the benchmark needs that regime: use other --seeds")
     records.update(run_all(out, cfg, tuning_runs(cfg) + single_test_runs(cfg), "PPO runs (tuning, single rewards)"))
     selections = select(cfg, out, records)
     write_json(os.path.join(out, "selections.json"), selections)

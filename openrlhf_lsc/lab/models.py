@@ -133,14 +133,20 @@ def action_mask(responses: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample(policy: LlamaForCausalLM, prompt_ids: torch.Tensor, generator: torch.Generator,
            max_new: int = world.MAX_NEW_TOKENS) -> torch.Tensor:
-    """Sample responses at temperature 1 (no top-k/top-p, as OpenRLHF's rollout defaults); `[B, max_new]`, PAD after EOS."""
+    """Sample responses at temperature 1 (no top-k/top-p, as OpenRLHF's rollout defaults); `[B, max_new]`, PAD after EOS.
+
+    A response still open at the last position is closed with EOS there (at most `max_new - 1` words), so a reward
+    model always reads an EOS as in its training data; vLLM would leave it truncated.
+    """
     policy.eval()
     out = policy(prompt_ids, use_cache=True)
     past, logits = out.past_key_values, out.logits[:, -1]
     done = torch.zeros(len(prompt_ids), dtype=torch.bool)
     tokens = []
-    for _ in range(max_new):
+    for i in range(max_new):
         nxt = torch.multinomial(logits.float().softmax(-1), 1, generator=generator).squeeze(1)
+        if i == max_new - 1:
+            nxt = torch.full_like(nxt, EOS)
         nxt = nxt.masked_fill(done, PAD)
         tokens.append(nxt)
         done |= nxt == EOS

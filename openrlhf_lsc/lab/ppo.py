@@ -1,9 +1,9 @@
 """A compact PPO for CPU that mirrors OpenRLHF 0.11's defaults, with the plugin's reward pipeline.
 
 What is mirrored (file references are to the installed openrlhf package):
-- reward: the K proxy rewards go through `openrlhf_lsc.rewards.aggregate_rewards` with references read
-  by `openrlhf_lsc.references.references_from_labels` -- the calls `openrlhf_lsc.integration.ppo`
-  makes inside OpenRLHF -- before group baselines, clipping and the KL penalty;
+- reward: the K proxy rewards go through `openrlhf_lsc.rewards.reward_utilities` (references from the prompts'
+  labels, transform, aggregate) -- the reward core `openrlhf_lsc.integration.ppo` calls inside OpenRLHF --
+  before group baselines, clipping and the KL penalty;
 - group baselines for rloo / reinforce_baseline / group_norm and the per-token k1 KL penalty with the
   utility at the EOS token, clipped to `clip_range` (`RemoteExperienceMaker.compute_advantages_and_returns`,
   `models/utils.py:compute_reward`);
@@ -28,8 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from openrlhf_lsc.lab import models
-from openrlhf_lsc.references import references_from_labels
-from openrlhf_lsc.rewards import aggregate_rewards
+from openrlhf_lsc.rewards import NEEDS_REFERENCE, RewardSpec, reward_utilities
 
 ESTIMATORS = ("gae", "reinforce", "rloo", "reinforce_baseline", "group_norm")
 LABEL_KEY = "lsc_ref"
@@ -79,18 +78,21 @@ class KLController:
 
     `steps` are split into one stair per target; within a stair the target rises linearly from the previous one
     over the first `kl_ramp` of the stair and is then held, so each stair ends on a plateau at its target. The
-    coefficient follows a proportional-integral rule in log space on the error e = log(kl / target), clipped to
-    [-1, 1], with the KL per response (summed over tokens) of the last rollout:
-    integral *= exp(KI * e); coef = integral * exp(KP * e). OpenRLHF's AdaptiveKLController
-    (`--algo.kl.target`) is the integral part alone on the per-token KL; without the proportional part the
-    policy overshoots the target by several nats before the coefficient catches up.
+    coefficient follows a proportional-integral rule in log space. The KL per response (summed over tokens) of each
+    rollout is smoothed (EMA); within 80% of the target a rising KL is extrapolated `LOOKAHEAD` steps ahead; the
+    error is e = log(predicted / target), clipped to [-1, 1]; then integral *= exp(KI * e), coef = integral * exp(KP * e),
+    with a larger KI above the target than below it, so the coefficient rises fast when a policy runs past its
+    target and does not wind down while the KL lags a rising target. OpenRLHF's AdaptiveKLController
+    (`--algo.kl.target`) is the symmetric integral part alone, on the per-token KL; here that overshoots targets
+    by several nats when the policy finds a shortcut.
     """
 
-    KI, KP = 0.15, 1.5
+    KI_UP, KI_DOWN, KP, LOOKAHEAD, EMA = 0.3, 0.1, 2.0, 2.0, 0.5
 
     def __init__(self, cfg: "PPOConfig"):
         self.value = self.integral = cfg.kl_coef
         self.cfg = cfg
+        self.smoothed: Optional[float] = None
 
     def target(self, step: int) -> Optional[float]:
         cfg = self.cfg
@@ -103,15 +105,22 @@ class KLController:
 
     def update(self, kl: float, step: int) -> None:
         target = self.target(step)
-        if target is not None:
-            error = min(max(math.log(max(kl, 0.01 * target) / target), -1.0), 1.0)
-            self.integral *= math.exp(self.KI * error)
-            self.value = self.integral * math.exp(self.KP * error)
+        if target is None:
+            return
+        previous = self.smoothed
+        self.smoothed = kl if previous is None else self.EMA * previous + (1 - self.EMA) * kl
+        rising = 0.0 if previous is None else max(self.smoothed - previous, 0.0)
+        # Near the target, brake on a rising KL: a policy that found a shortcut runs past the target in a few steps.
+        predicted = self.smoothed + (self.LOOKAHEAD * rising if self.smoothed > 0.8 * target else 0.0)
+        error = min(max(math.log(max(predicted, 0.01 * target) / target), -1.0), 1.0)
+        self.integral *= math.exp((self.KI_UP if error > 0 else self.KI_DOWN) * error)
+        self.value = self.integral * math.exp(self.KP * error)
 
 
 @dataclass
 class RewardPipeline:
-    """Proxy reward models -> references from prompt labels -> the plugin's aggregate_rewards."""
+    """Proxy reward models -> the plugin's reward core (`reward_utilities`: references from prompt labels,
+    transform, aggregate), exactly as the PPO integration calls it inside OpenRLHF."""
 
     reward_models: Sequence[models.RewardModel]
     names: Sequence[str]
@@ -119,6 +128,13 @@ class RewardPipeline:
     transform: str = "raw"
     aggregate: str = "and"
     weights: Optional[Sequence[float]] = None
+    label_key: str = LABEL_KEY  # named in error messages
+
+    def __post_init__(self):
+        self.spec = RewardSpec(names=tuple(self.names), transform=self.transform, aggregate=self.aggregate,
+                               weights=None if self.weights is None else tuple(self.weights),
+                               reference="label" if self.transform in NEEDS_REFERENCE else "none",
+                               label_key=self.label_key)
 
     def rewards(self, prompt_ids: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
         """Proxy rewards `[B, K]`."""
@@ -126,10 +142,8 @@ class RewardPipeline:
 
     def utility(self, rewards: torch.Tensor, prompt_index: Sequence[int]) -> torch.Tensor:
         """Utilities `[B]` from proxy rewards `[B, K]` of samples of prompts `prompt_index`."""
-        refs = None
-        if self.transform in ("lsc", "center"):
-            refs = references_from_labels([self.labels[i] for i in prompt_index], self.names, LABEL_KEY)
-        return aggregate_rewards(rewards, refs, self.transform, self.aggregate, self.weights)
+        labels = [self.labels[i] for i in prompt_index] if self.spec.reference == "label" else None
+        return reward_utilities(rewards, self.spec, labels)[0]
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ and the proxy-headroom search.
 """
 
 import os
+import textwrap
 from typing import Dict, List, Optional, Sequence
 
 import matplotlib
@@ -61,12 +62,16 @@ def _bands(ax, curves: Dict, targets: Sequence[float], frontier: Optional[Dict] 
 
 def curve_plots(out: str, results: Dict) -> List[str]:
     cfg, curves, front = results["config"], results["curves"], results["frontier"]
-    targets = cfg["kl_targets"]
+    targets = cfg["compare_kls"]
     names = []
     if "single_helpful" in curves:
         c = curves["single_helpful"]
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
+        lines = {"gold_helpful": ("gold_helpful_median", "SFT median (gold)"),
+                 "proxy_helpful": ("proxy_helpful_best_of_pool", "SFT best of %d (proxy)" % cfg["bon_pool"])}
         for ax, metric in zip(axes, ("win_helpful", "gold_helpful", "proxy_helpful")):
+            if metric in lines:
+                ax.axhline(results["sft_lines"][lines[metric][0]], color="gray", ls="--", lw=1, label=lines[metric][1])
             _bands(ax, c[metric], targets, front if metric == "win_helpful" else None, "win_helpful")
             ax.set_ylabel(TITLES[metric])
         axes[0].set_title("Single reward: helpfulness (paper Figs. 3, 8)")
@@ -103,25 +108,32 @@ def curve_plots(out: str, results: Dict) -> List[str]:
 
 def differences_plot(out: str, results: Dict) -> str:
     comps = results["comparisons"]
-    fig, axes = plt.subplots(1, len(comps), figsize=(3.3 * len(comps), 3.6), squeeze=False, sharey=False)
-    for ax, c in zip(axes[0], comps):
+    cols = min(3, len(comps))
+    rows = -(-len(comps) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
+    for ax, c in zip(axes.flat, comps):
         pts = [p for p in c["per_target"] if p["reached"]]
         x = [p["target"] for p in pts]
         y = np.array([p["mean"] for p in pts])
-        err = np.array([[p["mean"] - p["lo"] for p in pts], [p["hi"] - p["mean"] for p in pts]])
+        err = np.array([[p["mean"] - p["lo"] for p in pts], [p["hi"] - p["mean"] for p in pts]]).reshape(2, -1)
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color="C0" if c["claim"] != "info" else "C7")
         ax.axhline(0, color="gray", ls=":")
-        ax.set_title(f"{c['claim']}: {_label(c)}\n{c['verdict'] if c['claim'] != 'info' else ''}", fontsize=7.5)
-        ax.set_xlabel("target KL")
+        title = textwrap.fill(f"{c['claim']}: {_label(c)}", 55)
+        ax.set_title(title + ("" if c["claim"] == "info" else f"\n-> {c['verdict']}"), fontsize=8)
+        ax.set_xlabel("KL(policy || SFT)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("paired difference, 95% bootstrap interval")
+    for ax in axes.flat[len(comps):]:
+        ax.axis("off")
+    for row in axes:
+        row[0].set_ylabel("paired difference (95% interval)")
+    fig.tight_layout()
     return _save(fig, out, "differences.png")
 
 
 def check_plot(out: str, results: Dict) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for s, c in results["checks"].items():
-        axes[0].plot([0] + c["kl"], [None] + c["win"], marker="o", label=f"world {s}" + ("" if c["passed"] else " (FAILED)"))
+        axes[0].plot([0] + c["kl"], [c["sft_win"]] + c["win"], marker="o", label=f"world {s}" + ("" if c["passed"] else " (FAILED)"))
         axes[1].plot(c["kl"], c["gold"], marker="o", label=f"world {s}")
     axes[0].set_ylabel(TITLES["win_helpful"])
     axes[1].set_ylabel(TITLES["gold_helpful"])
@@ -204,7 +216,7 @@ def _md_table(head: Sequence[str], rows: Sequence[Sequence]) -> List[str]:
 
 def _markdown(results: Dict, figs: Sequence[str]) -> str:
     cfg = results["config"]
-    targets = cfg["kl_targets"]
+    targets = cfg["compare_kls"]
     t = results["timing"]
     lines = [
         f"# openrlhf_lsc CPU lab — {cfg['mode']} mode",
@@ -215,9 +227,10 @@ def _markdown(results: Dict, figs: Sequence[str]) -> str:
         "",
         f"- worlds (fresh prompts, SFT and reward models each): {list(cfg['seeds'])}; test PPO seeds {list(cfg['ppo_seeds'])}; "
         f"validation PPO seeds {list(cfg['val_seeds'])}",
-        f"- every PPO run walks up the KL staircase {targets} (nats per response; PI-controlled KL coefficient, "
-        f"{cfg['ppo'].get('steps')} PPO steps, evaluation at the end of each stair); methods are compared at these target "
-        "KLs by linear interpolation between stairs (the SFT policy is the KL-0 point)",
+        f"- every PPO run walks up the KL staircase {list(cfg['kl_targets'])} (nats per response; PI-controlled KL "
+        f"coefficient, {cfg['ppo'].get('steps')} PPO steps, evaluation at the end of each stair); methods are compared at "
+        f"KL {list(targets)}, read linearly between the stairs around each (the SFT policy is the KL-0 point; no value "
+        "where a run's stairs do not bracket the KL, up to 10% past its last stair)",
         f"- {results['runs']} PPO runs; CPU time: setup {t['setup_cpu_seconds'] / 60:.1f} min, runs "
         f"{t['runs_cpu_seconds'] / 60:.1f} min; wall time of the invocation that wrote this report "
         f"{results.get('wall_seconds_this_invocation', float('nan')) / 60:.1f} min ({cfg['mode']}, {cfg.get('workers', 2)} workers)",
@@ -245,11 +258,22 @@ def _markdown(results: Dict, figs: Sequence[str]) -> str:
                 rows.append([c["claim"], _label(c), s] + [f"{v[str(x)]:+.3f}" if str(x) in v else "—" for x in targets])
         lines += _md_table(["claim", "comparison", "world"] + [f"KL {x:g}" for x in targets], rows)
     lines += ["", "## Over-optimisation check (every world)", "",
-              "Raw PPO on the helpfulness proxy, validation seed and prompts: the win rate must peak and then fall by "
-              f"at least {cfg['overopt_margin']} by the last stair.", ""]
-    lines += _md_table(["world", "win rate @ KL reached", "peak KL", "drop after peak", "passed"],
-                       [[s, ", ".join(f"{w:.3f}@{k:.1f}" for k, w in zip(c["kl"], c["win"])), f"{c['peak_kl']:.1f}",
-                         f"{c['drop_after_peak']:.3f}", c["passed"]] for s, c in results["checks"].items()])
+              "Raw PPO on the helpfulness proxy, validation seed and prompts: the win rate must rise above the SFT "
+              f"policy's, peak before the last stair and fall from the peak, each by at least {cfg['overopt_margin']}.", ""]
+    lines += _md_table(["world", "win rate @ KL reached (SFT at KL 0)", "peak KL", "rise to peak", "drop after peak",
+                        "passed"],
+                       [[s, ", ".join(f"{w:.3f}@{k:.1f}" for k, w in zip([0.0] + c["kl"], [c["sft_win"]] + c["win"])),
+                         f"{c['peak_kl']:.1f}", f"{c['rise_to_peak']:.3f}", f"{c['drop_after_peak']:.3f}", c["passed"]]
+                        for s, c in results["checks"].items()])
+    raw = {m: results["curves"].get("single_helpful", {}).get(m, {}).get("raw") for m in ("proxy_helpful", "gold_helpful")}
+    if all(raw.values()):
+        last = [(x, p, g) for x, p, g in zip(targets, raw["proxy_helpful"]["band"], raw["gold_helpful"]["band"]) if p and g]
+        if last:
+            x, p, g = last[-1]
+            sl = results["sft_lines"]
+            lines += ["", f"Headroom, test runs: at KL {x:g} raw PPO's answers average {p['mean']:.2f} on the helpfulness proxy "
+                      f"(the best of {cfg['bon_pool']} SFT answers per prompt averages {sl['proxy_helpful_best_of_pool']:.2f}) and "
+                      f"{g['mean']:.2f} on gold helpfulness (SFT median {sl['gold_helpful_median']:.2f})."]
     lines += ["", "## Tuning (validation seeds and prompts; disjoint from the reported ones)", "",
               "Score = mean over the target KLs of the win rate on both properties. Both sides get the same number of "
               "settings; the paper's rule derives AND references from the best weight (the favoured property gets its "
