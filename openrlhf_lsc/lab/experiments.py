@@ -914,6 +914,7 @@ def claim_rows(cfg: LabConfig) -> List[Dict]:
         add("C1", "single", "helpful", "win_helpful", "lsc", "raw")
         add("C4", "single", "helpful", "list", "lsc", "raw", higher_better=False)
         add("C4", "single", "helpful", "repeat", "lsc", "raw", higher_better=False)
+        add("C4", "single", "helpful", "over_budget", "lsc", "raw", higher_better=False)
     if {"raw", "lsc@canned"} <= set(s):
         add("C1", "single", "harmless", "win_harmless", "lsc@canned", "raw")
         add("C1", "single", "harmless", "win_harmless", "lsc@canned", "raw", subset="sensitive")
