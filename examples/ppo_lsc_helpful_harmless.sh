@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
+# GPUs:   1 node x 8 GPUs, 80 GB each (A100/H100 80GB)
+# Models: policy 8B (OpenRLHF/Llama-3-8b-sft-mixture), reference = policy, critic 8B (initialised from the
+#         helpfulness reward model), 2 reward models 8B each (both loaded in every reward actor)
+# Layout: OpenRLHF's hybrid engine (--train.colocate_all, as its examples/scripts/train_ppo_ray_hybrid_engine.sh):
+#         actor, reference, critic and the reward models (ZeRO-3 over the 8 GPUs) and 4 vLLM engines (tensor
+#         parallel 2) share the 8 GPUs; vLLM and DeepSpeed take turns (--vllm.enable_sleep --ds.enable_sleep).
+#
 # PPO with helpfulness AND harmlessness (paper 1, section 4): two local reward models scored in OpenRLHF's
 # reward actors, each LSC-transformed against its own reference, summed (log P(good on both)).
-# References from the estimator: helpfulness at q = 0.75, harmlessness at the median (the paper's RLHF setting):
-#    python -m openrlhf_lsc.cli.estimate_reference --data.prompt_dataset $RAW_PROMPTS --data.apply_chat_template \
+# References from the estimator (same 8 GPUs: 4 vLLM engines + 4 reward-model actors): helpfulness at q = 0.75,
+# harmlessness at the median (the paper's RLHF setting):
+#    python -m openrlhf_lsc.cli.estimate_reference --data.prompt_dataset OpenRLHF/prompt-collection-v0.1 \
+#        --data.input_key context_messages --data.apply_chat_template \
 #        --actor.model_name_or_path $SFT --rm.paths $RM_HELPFUL,$RM_HARMLESS --rm.names helpful,harmless \
-#        --ref.method quantile --ref.k 64 --ref.q 0.75,0.5 --vllm.num_engines 8 --rm.num_actors 8 --output.dir /data/refs
+#        --ref.method quantile --ref.k 64 --ref.q 0.75,0.5 --vllm.num_engines 4 --rm.num_actors 4 --output.dir /data/refs
 # Baseline for comparison: the same launch with --lsc.transform raw --lsc.aggregate weighted --lsc.weights 0.5,0.5
 set -euo pipefail
 SFT=${SFT:-OpenRLHF/Llama-3-8b-sft-mixture}
@@ -13,11 +22,12 @@ RM_HARMLESS=${RM_HARMLESS:-/ckpt/rm_harmless}
 PROMPTS=${PROMPTS:-/data/refs/references.jsonl}
 
 python -m openrlhf_lsc.cli.train_ppo_ray \
-   --ref.num_nodes 1 --ref.num_gpus_per_node 2 \
-   --reward.num_nodes 1 --reward.num_gpus_per_node 2 \
-   --critic.num_nodes 1 --critic.num_gpus_per_node 2 \
-   --actor.num_nodes 1 --actor.num_gpus_per_node 2 \
-   --vllm.num_engines 2 --vllm.tensor_parallel_size 1 \
+   --actor.num_nodes 1 --actor.num_gpus_per_node 8 \
+   --ref.num_nodes 1 --ref.num_gpus_per_node 8 \
+   --critic.num_nodes 1 --critic.num_gpus_per_node 8 \
+   --reward.num_nodes 1 --reward.num_gpus_per_node 8 \
+   --vllm.num_engines 4 --vllm.tensor_parallel_size 2 --vllm.gpu_memory_utilization 0.5 \
+   --train.colocate_all --vllm.enable_sleep --ds.enable_sleep --vllm.sync_backend nccl --vllm.enforce_eager \
    --actor.model_name_or_path "$SFT" \
    --critic.model_name_or_path "$RM_HELPFUL" \
    --ckpt.output_dir /ckpt/llama3-8b-ppo-lsc-and \
@@ -26,7 +36,7 @@ python -m openrlhf_lsc.cli.train_ppo_ray \
    --data.max_samples 100000 --train.max_epochs 1 --data.max_len 2048 --rollout.max_new_tokens 1024 \
    --ds.zero_stage 3 --ds.param_dtype bf16 \
    --actor.adam.lr 5e-7 --critic.adam.lr 9e-6 --algo.kl.init_coef 0.01 \
-   --data.prompt_dataset "$PROMPTS" --data.input_key input --data.apply_chat_template \
+   --data.prompt_dataset "$PROMPTS" --data.input_key context_messages --data.apply_chat_template \
    --actor.gradient_checkpointing_enable --ds.packing_samples \
    --lsc.reward_models "$RM_HELPFUL,$RM_HARMLESS" --lsc.reward_names helpful,harmless \
    --lsc.transform lsc --lsc.aggregate and --lsc.reference label --data.label_key lsc_ref \

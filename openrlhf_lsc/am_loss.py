@@ -30,10 +30,13 @@ i = 1..B with chosen score c_i, rejected score r_i, task t_i and optional per-pa
   The penalty is on the variance, not the std, whose gradient grows as 1/std while a task's scores
   are still nearly constant (as at initialisation).
 
-Running statistics are per process (each data-parallel rank sees its own share of the data).
+With data parallelism, pass `all_reduce` (a sum over ranks) and the training tasks: each update then uses
+the whole global batch (counts, sums and sums of squares summed over ranks), so every rank holds the same
+running statistics; the gradient still comes from the rank's own batch. The running statistics are part of
+`state_dict()` (as extra state), for checkpoints.
 """
 
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +54,8 @@ class AdvantageModelLoss(torch.nn.Module):
         task_coef: l_task, weight of the per-task regulation term (needs tasks).
         task_std: tau, the spread every task is pulled to.
         task_momentum: weight of the newest batch in the running task statistics, in (0, 1].
+        task_names: every task of the training data (a fixed order for `all_reduce`); needed with it.
+        all_reduce: sums a float tensor over data-parallel ranks (returns the sum); None: this process only.
     """
 
     def __init__(
@@ -61,6 +66,8 @@ class AdvantageModelLoss(torch.nn.Module):
         task_coef: float = 1.0,
         task_std: float = 1.0,
         task_momentum: float = 0.1,
+        task_names: Optional[Sequence[str]] = None,
+        all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> None:
         super().__init__()
         if margin <= 0 or task_std <= 0:
@@ -69,7 +76,11 @@ class AdvantageModelLoss(torch.nn.Module):
             raise ValueError(f"AM coefficients must be >= 0, got {expected_coef}, {bound_coef}, {task_coef}")
         if not 0 < task_momentum <= 1:
             raise ValueError(f"task_momentum must be in (0, 1], got {task_momentum}")
+        if all_reduce is not None and not task_names:
+            raise ValueError("all_reduce needs task_names: every rank must sum the same statistics in the same order")
         self.margin, self.task_std, self.task_momentum = margin, task_std, task_momentum
+        self.task_names = list(dict.fromkeys(task_names)) if task_names else None
+        self.all_reduce = all_reduce
         self.coefs = {"expected": expected_coef, "bound": bound_coef, "task": task_coef}
         self.running: Dict[str, List[float]] = {}  # task -> [mean, mean of squares]
         self.terms: Dict[str, float] = {}  # last call's unweighted terms, for logging
@@ -113,18 +124,44 @@ class AdvantageModelLoss(torch.nn.Module):
         self.terms = {k: v.item() for k, v in terms.items()}
         return terms["rank"] + sum(self.coefs[k] * v for k, v in terms.items() if k != "rank")
 
-    def _task_term(self, c: torch.Tensor, r: torch.Tensor, tasks: List[str]) -> torch.Tensor:
-        penalties = []
-        for task in dict.fromkeys(tasks):  # first-seen order
-            idx = torch.tensor([i for i, t in enumerate(tasks) if t == task], device=c.device)
-            a = torch.cat([c[idx], r[idx]])
-            batch_mean, batch_sq = a.mean(), a.pow(2).mean()
-            batch_var = (a - batch_mean).pow(2).mean()
-            new = (batch_mean.item(), batch_sq.item())
-            if self.training:
+    def get_extra_state(self) -> dict:
+        return {"running": {task: list(v) for task, v in self.running.items()}}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.running = {task: [float(m), float(sq)] for task, (m, sq) in state["running"].items()}
+
+    def _update_running(self, scores: Dict[str, torch.Tensor]) -> None:
+        """EMA update of every task's (mean, mean of squares) with this batch, summed over ranks if all_reduce."""
+        names = self.task_names if self.all_reduce is not None else list(scores)
+        unknown = set(scores) - set(names)
+        if unknown:
+            raise ValueError(f"tasks {sorted(unknown)} are not among the training tasks {names}")
+        device = next(iter(scores.values())).device
+        sums = torch.zeros(len(names), 3, dtype=torch.float64, device=device)  # count, sum, sum of squares
+        for i, task in enumerate(names):
+            if task in scores:
+                a = scores[task].double()
+                sums[i, 0], sums[i, 1], sums[i, 2] = len(a), a.sum(), a.pow(2).sum()
+        if self.all_reduce is not None:
+            sums = self.all_reduce(sums)
+        for task, (count, total, squares) in zip(names, sums.tolist()):
+            if count > 0:
+                new = (total / count, squares / count)
                 old = self.running.get(task, new)
                 self.running[task] = [(1 - self.task_momentum) * o + self.task_momentum * n for o, n in zip(old, new)]
-            run_mean, run_sq = self.running.get(task, new)
+
+    def _task_term(self, c: torch.Tensor, r: torch.Tensor, tasks: List[str]) -> torch.Tensor:
+        scores = {}
+        for task in dict.fromkeys(tasks):  # first-seen order
+            idx = torch.tensor([i for i, t in enumerate(tasks) if t == task], device=c.device)
+            scores[task] = torch.cat([c[idx], r[idx]])
+        if self.training:
+            self._update_running({task: a.detach() for task, a in scores.items()})
+        penalties = []
+        for task, a in scores.items():
+            batch_mean, batch_sq = a.mean(), a.pow(2).mean()
+            batch_var = (a - batch_mean).pow(2).mean()
+            run_mean, run_sq = self.running.get(task, (batch_mean.item(), batch_sq.item()))
             # value of the running statistic, gradient of this batch's (straight-through); the variance
             # gradient is centred on the batch mean so it only spreads or shrinks, never shifts, the scores
             mean = run_mean + (batch_mean - batch_mean.detach())

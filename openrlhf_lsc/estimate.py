@@ -40,8 +40,8 @@ RewardFn = Callable[[List[str], List[str]], Sequence[Any]]
 
 class ScoreError(Exception):
     """Raised by a reward fn that could not score this call's responses (e.g. a reward server answered
-    something unusable) while later calls may succeed: `score_prompts` then records a retryable error for
-    that reward model on these prompts, instead of stopping."""
+    something unusable) while other calls may succeed: `score_prompts` then scores the call's prompts one
+    by one and records a retryable error for the prompts that still fail, instead of stopping."""
 
 
 def per_rm(value: Any, names: Sequence[str], flag: str) -> Dict[str, Any]:
@@ -138,6 +138,22 @@ def _scores(fn: RewardFn, prompts: List[str], responses: List[str], name: str) -
     return torch.tensor([float("nan") if v is None else float(v) for v in out], dtype=torch.float64)
 
 
+def _group_scores(fn: RewardFn, prompts: List[str], responses: List[str], name: str, m: int):
+    """Scores as `[len(prompts) // m, m]`, one row per prompt; after a `ScoreError` for the whole call, prompt by
+    prompt. Returns (scores, {row: error message}) with NaN rows for the prompts that still failed."""
+    try:
+        return _scores(fn, prompts, responses, name).view(-1, m), {}
+    except ScoreError:
+        rows, errors = [], {}
+        for j in range(0, len(prompts), m):
+            try:
+                rows.append(_scores(fn, prompts[j : j + m], responses[j : j + m], name))
+            except ScoreError as e:
+                rows.append(torch.full((m,), float("nan"), dtype=torch.float64))
+                errors[j // m] = str(e)
+        return torch.stack(rows), errors
+
+
 def _sample_entry(scores: torch.Tensor, levels: Sequence[float]) -> Dict[str, Any]:
     ok = scores[torch.isfinite(scores)]
     if ok.numel() < 2:
@@ -171,7 +187,8 @@ def score_prompts(
         prompts: prompt texts as the policy sees them (chat template applied); "" marks an empty prompt.
         sampler: `sampler(prompts, k)` -> k responses per prompt (unused if nothing is sampled).
         reward_fns: name -> `fn(prompts, responses)` -> scores; a None or non-finite score marks that one
-            response as failed, `ScoreError` all of the call's prompts; any other exception propagates.
+            response as failed; after a `ScoreError` the call's prompts are scored one by one and those that
+            still raise it fail (retryably); any other exception propagates.
         methods: name -> method, from `check_settings`.
         k: samples per prompt.
         levels: quantile levels to record, from `check_settings`.
@@ -200,14 +217,9 @@ def score_prompts(
         flat_prompts = [prompts[i] for i in todo for _ in range(k)]
         flat_responses = [r for rs in responses for r in rs]
         for name in sample_rms:
-            try:
-                scores = _scores(reward_fns[name], flat_prompts, flat_responses, name).view(len(todo), k)
-            except ScoreError as e:
-                for i in todo:
-                    records[i][name] = {"error": str(e), "retry": True}
-                continue
-            for i, row in zip(todo, scores):
-                records[i][name] = _sample_entry(row, levels)
+            scores, errors = _group_scores(reward_fns[name], flat_prompts, flat_responses, name, k)
+            for j, (i, row) in enumerate(zip(todo, scores)):
+                records[i][name] = {"error": errors[j], "retry": True} if j in errors else _sample_entry(row, levels)
 
     if canned_rms and live:
         if not canned_responses:
@@ -216,16 +228,11 @@ def score_prompts(
         flat_prompts = [prompts[i] for i in live for _ in range(m)]
         flat_responses = list(canned_responses) * len(live)
         for name in canned_rms:
-            try:
-                scores = _scores(reward_fns[name], flat_prompts, flat_responses, name).view(len(live), m)
-            except ScoreError as e:
-                for i in live:
-                    records[i][name] = {"error": str(e), "retry": True}
-                continue
-            for i, row in zip(live, scores):
+            scores, errors = _group_scores(reward_fns[name], flat_prompts, flat_responses, name, m)
+            for j, (i, row) in enumerate(zip(live, scores)):
                 # All variants or none: a mean over a prompt-dependent subset would not be comparable across prompts.
                 bad = int((~torch.isfinite(row)).sum())
-                error = {"error": f"{bad} of {m} canned responses got no finite score", "retry": True}
+                error = {"error": errors.get(j, f"{bad} of {m} canned responses got no finite score"), "retry": True}
                 records[i][name] = error if bad else {"canned_scores": row.tolist()}
 
     for i, record in enumerate(records):
@@ -321,9 +328,8 @@ def _fit_learned(entries: List[Dict[str, Any]], name: str, q: float, features: A
             f"method 'learned' (reward model {name!r}) has {len(train)} sampled prompts to train on after "
             f"holding out {n_hold}: sample more prompts (--learned.num_prompts) or lower --learned.holdout"
         )
-    model = GaussianPredictor().fit(
-        X[train], torch.tensor([entries[i]["mean"] for i in train]), torch.tensor([entries[i]["std"] for i in train])
-    )
+    mean, std = (torch.tensor([entries[i][key] for i in train], dtype=torch.float64) for key in ("mean", "std"))
+    model = GaussianPredictor().fit(X[train], mean, std)
     mu, sigma = model.predict(X)
     ref = gaussian_reference(mu, sigma, q)
     info = {"train_prompts": len(train), "holdout_prompts": len(hold),

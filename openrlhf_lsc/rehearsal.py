@@ -33,7 +33,7 @@ def cluster_prompts(embeddings: np.ndarray, n_clusters: int, seed: int) -> np.nd
     x = np.asarray(embeddings, dtype=np.float64)
     if x.ndim != 2 or not np.isfinite(x).all():
         raise ValueError(f"embeddings must be a finite [N, d] array, got shape {x.shape}")
-    if not 1 <= n_clusters <= len(x):
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)) or not 1 <= n_clusters <= len(x):
         raise ValueError(f"--select.n_clusters must be in [1, {len(x)}] (the number of prompts), got {n_clusters}")
     distinct = len(np.unique(x, axis=0))
     if distinct < n_clusters:
@@ -88,10 +88,12 @@ def select(
         raise ValueError(f"scores must be finite; row {bad[0]} has {scores[bad[0]]}")
     if (ppo_threshold is None) == (ppo_fraction is None):
         raise ValueError("give exactly one of --select.ppo_threshold and --select.ppo_fraction")
+    if ppo_threshold is not None and not math.isfinite(ppo_threshold):
+        raise ValueError(f"--select.ppo_threshold must be a finite number, got {ppo_threshold}")  # nan would pick none
     if ppo_fraction is not None and not 0.0 < ppo_fraction <= 1.0:
         raise ValueError(f"--select.ppo_fraction must be in (0, 1], got {ppo_fraction}")
-    if rehearsal_k < 0:
-        raise ValueError(f"--select.rehearsal_k must be >= 0, got {rehearsal_k}")
+    if isinstance(rehearsal_k, bool) or not isinstance(rehearsal_k, (int, np.integer)) or rehearsal_k < 0:
+        raise ValueError(f"--select.rehearsal_k must be an integer >= 0, got {rehearsal_k!r}")
     n_clusters = int(clusters.max()) + 1 if len(clusters) else 0
     sizes = np.bincount(clusters, minlength=n_clusters)
     if (sizes == 0).any():

@@ -1,79 +1,67 @@
-"""A drop-in OpenRLHF `reward_func` that combines K reward-model HTTP servers (OpenRLHF's `serve_rm` protocol:
-POST {"query": [...], "prompts": [...], "labels": [...]} -> {"rewards": [...]}) with the LSC transform and
-aggregation. Use it through a small file passed as `--reward.remote_url` (see examples/reward_func_lsc.py);
-it transforms already, so run PPO with `--lsc.transform raw` (or the stock CLI).
+"""A drop-in OpenRLHF `reward_func` scoring each rollout on K reward-model servers (OpenRLHF's `serve_rm`), for
+`--reward.remote_url <file.py>` (see examples/reward_func_lsc.py).
+
+It returns the K raw rewards as `extra_logs["lsc/<name>/reward"]`, which the plugin CLI reads with
+`--lsc.reward_names` and transforms itself (any reference, group too), and, as its scalar `rewards` / `scores`, the
+utility of its own `RewardSpec`: what the stock CLI (no transform of its own) trains on and dynamic filtering sees.
 """
 
-import json
-import urllib.request
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 
-from openrlhf_lsc.references import references_from_labels
-from openrlhf_lsc.rewards import aggregate_rewards, transform_reward
+from openrlhf_lsc.rewards import RewardSpec, reward_utilities
+from openrlhf_lsc.serve_rm import RewardServerError, ServeRMClient
+
+
+class RewardFuncError(BaseException):
+    """Ends the PPO run with its message (a reward server that stays down, a bad reference label).
+
+    A BaseException on purpose: OpenRLHF's executor catches any Exception from a reward_func, logs it, leaves the
+    sample without a reward, and the run then fails later in unrelated code. Ray passes this one to the trainer.
+    """
 
 
 class RemoteRewardCombiner:
-    """Callable `reward_func(queries, prompts, labels)` scoring each query on K servers.
+    """Callable `reward_func(queries, prompts, labels)` scoring each query on K `serve_rm` servers.
 
     Args:
-        urls: reward-model name -> serve_rm endpoint (e.g. "http://host:5000/get_reward").
-        transform, aggregate, weights: as `openrlhf_lsc.aggregate_rewards`.
-        reference: "label" (per prompt, from the label field; schema in openrlhf_lsc.references),
-            "constant" (`reference_value`, one per RM) or "none".
-        label_key: the dataset field name (`--data.label_key`), for error messages.
-        timeout: seconds per HTTP request.
+        urls: reward-model name -> serve_rm endpoint (e.g. "http://host:5000/get_reward"), in column order.
+        spec: how the K rewards become the scalar reward (`openrlhf_lsc.RewardSpec`, names = the urls' names);
+            default: their plain sum (transform raw, aggregate and). A reward_func sees one sample at a time, so
+            `reference="group"` is refused here (use it through the plugin CLI's `--lsc.reference group`).
+        **client: `ServeRMClient` options (timeout, retries, backoff, batch_size).
+
+    Example:
+        >>> combine = RemoteRewardCombiner({"helpful": "http://127.0.0.1:5000/get_reward"},
+        ...                                RewardSpec(names=("helpful",), transform="lsc", reference="constant",
+        ...                                           reference_value=(0.0,)))
+        >>> combine.spec.transform
+        'lsc'
     """
 
-    def __init__(
-        self,
-        urls: Dict[str, str],
-        transform: str = "lsc",
-        aggregate: str = "and",
-        weights: Optional[Sequence[float]] = None,
-        reference: str = "label",
-        reference_value: Optional[Sequence[float]] = None,
-        label_key: str = "label",
-        timeout: float = 180.0,
-    ):
-        if reference not in ("label", "constant", "none"):
-            raise ValueError(f"reference {reference!r}: a reward_func sees one sample at a time, so label, constant or none")
-        if reference == "constant" and (reference_value is None or len(reference_value) != len(urls)):
-            raise ValueError(f"reference 'constant' needs {len(urls)} reference_value entries, one per URL")
-        transform_reward(torch.zeros(1), torch.zeros(1), transform)  # fail at load time on a bad name
-        self.urls, self.names = dict(urls), list(urls)
-        self.transform, self.aggregate, self.weights = transform, aggregate, weights
-        self.reference, self.reference_value, self.label_key = reference, reference_value, label_key
-        self.timeout = timeout
-
-    def _score(self, url: str, queries: List[str], prompts: List[str], labels: list) -> List[float]:
-        body = json.dumps({"query": queries, "prompts": prompts, "labels": labels}).encode()
-        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            rewards = json.loads(response.read())["rewards"]
-        if len(rewards) != len(queries):
-            raise ValueError(f"reward server {url} returned {len(rewards)} rewards for {len(queries)} queries")
-        return [float(r) for r in rewards]
+    def __init__(self, urls: Dict[str, str], spec: Optional[RewardSpec] = None, **client):
+        names = tuple(urls)
+        self.spec = spec or RewardSpec(names=names)
+        if self.spec.names != names:
+            raise ValueError(f"the RewardSpec names {list(self.spec.names)} must be the urls' names {list(names)}, in order")
+        if self.spec.reference == "group":
+            raise ValueError("reference 'group': a reward_func sees one sample at a time; use --lsc.reference group "
+                             "in the plugin CLI with --lsc.reward_names, or reference label/constant/none here")
+        self.clients = [ServeRMClient(urls[name], name=name, **client) for name in names]
 
     def __call__(self, queries: List[str], prompts: List[str], labels: list) -> dict:
-        rewards = torch.tensor(
-            [self._score(self.urls[name], queries, prompts, labels) for name in self.names], dtype=torch.float32
-        ).T  # [B, K]
-        if self.reference == "label":
-            references = references_from_labels(labels, self.names, self.label_key)
-        elif self.reference == "constant":
-            references = torch.tensor(self.reference_value, dtype=torch.float32).expand_as(rewards)
-        else:
-            references = None
-        utility = aggregate_rewards(rewards, references, self.transform, self.aggregate, self.weights)
-        logs = {"lsc_transformed": 1.0}
-        for k, name in enumerate(self.names):
-            logs[f"lsc/{name}/reward"] = rewards[0, k].item()
-            if references is not None:
-                logs[f"lsc/{name}/margin"] = (rewards[0, k] - references[0, k]).item()
-                logs[f"lsc/{name}/above_ref"] = float(rewards[0, k] > references[0, k])
-        # OpenRLHF calls reward_func with one query; extra_logs hold that sample's values.
-        return {"rewards": utility[0].item() if len(queries) == 1 else utility.tolist(),
-                "scores": utility[0].item() if len(queries) == 1 else utility.tolist(),
-                "extra_logs": logs}
+        try:
+            scores = [client.score(queries, prompts, labels) for client in self.clients]
+            rewards = torch.tensor(scores, dtype=torch.float64).T  # [B, K]
+            utility, metrics = reward_utilities(
+                rewards, self.spec, labels if self.spec.reference == "label" else None,
+                where=[f"prompt {p!r:.80}" for p in prompts],
+            )
+        except (RewardServerError, ValueError) as e:
+            raise RewardFuncError(str(e)) from e
+        # OpenRLHF calls a reward_func with one query: its extra_logs hold that sample's values.
+        one = len(queries) == 1
+        return {"rewards": utility[0].item() if one else utility.tolist(),
+                "scores": utility[0].item() if one else utility.tolist(),
+                "extra_logs": {k: v[0].item() if one else v.tolist() for k, v in metrics.items()}}

@@ -19,3 +19,11 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from hypothesis import settings  # noqa: E402
+
+# `--hypothesis-profile nodb`: random examples as in CI, but no replay of examples stored by earlier runs
+# (README "Test strength": the suite is checked under several seeds this way). `mutation`: the mutation
+# run's fixed examples, so its score can be reproduced.
+settings.register_profile("nodb", database=None)
+settings.register_profile("mutation", database=None, derandomize=True)

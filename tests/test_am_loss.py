@@ -7,6 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.special import expit, log_expit
 
+from openrlhf.models.loss import PairWiseLoss  # imported at collection: mutation workers fork after it
+
 from openrlhf_lsc.am_loss import AdvantageModelLoss, pairwise_metrics
 
 scores = st.lists(st.floats(-8, 8, allow_nan=False), min_size=2, max_size=12)
@@ -14,8 +16,6 @@ scores = st.lists(st.floats(-8, 8, allow_nan=False), min_size=2, max_size=12)
 
 @pytest.fixture(scope="module")
 def stock_pairwise_loss():
-    from openrlhf.models.loss import PairWiseLoss  # ~10 s cold import: once per module
-
     return PairWiseLoss()
 
 
@@ -63,8 +63,8 @@ def test_expected_reward_term_moves_only_each_pairs_offset():
     base_c, base_r = torch.randn(16) + 1, torch.randn(16)
     offset = torch.full((16,), 3.0, requires_grad=True)
     am = AdvantageModelLoss(expected_coef=1.0, bound_coef=0, task_coef=0)
-    opt = torch.optim.SGD([offset], lr=4.0)
-    for _ in range(300):
+    opt = torch.optim.SGD([offset], lr=4.0)  # each step halves every offset's distance to its target
+    for _ in range(40):
         opt.zero_grad()
         am(base_c + offset, base_r + offset).backward()
         opt.step()
@@ -154,12 +154,12 @@ def test_task_term_pulls_task_means_together():
     am = AdvantageModelLoss(expected_coef=0, bound_coef=0, task_coef=1.0, task_momentum=0.5)
     opt = torch.optim.SGD([offsets], lr=0.5)
     which = torch.tensor([0] * 8 + [1] * 8)
-    for _ in range(200):
+    for _ in range(50):
         opt.zero_grad()
         shift = offsets[which]
         am(gaps / 2 + shift, -gaps / 2 + shift, tasks).backward()
         opt.step()
-    assert offsets.detach().abs().max().item() < 0.02
+    assert offsets.detach().abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize(
@@ -230,3 +230,166 @@ def test_ece_of_a_constant_confidence_is_its_gap_to_accuracy():
     c = torch.tensor([1.0] * 10)
     r = torch.tensor([0.0] * 7 + [2.0] * 3)  # 70 % right, every pair at confidence sigmoid(1)
     assert pairwise_metrics(c, r)["ece"] == pytest.approx(abs(0.7 - expit(1.0)))
+
+
+# ---------------------------------------------------------------- pinned values, edges and refusals
+
+
+def test_documented_defaults():
+    am = AdvantageModelLoss()
+    assert (am.margin, am.task_std, am.task_momentum) == (2.5, 1.0, 0.1)  # paper: m = 2.5
+    assert am.coefs == {"expected": 1.0, "bound": 1.0, "task": 1.0}
+    assert am.running == {} and am.terms == {}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"margin": 0}, {"margin": -1}, {"task_std": 0}, {"task_std": -1}, {"expected_coef": -0.1},
+     {"bound_coef": -0.1}, {"task_coef": -1e-9}, {"task_momentum": 0}, {"task_momentum": -0.1},
+     {"task_momentum": 1.0000001}, {"task_momentum": 1.5}],
+)
+def test_bad_settings_are_refused(kwargs):
+    with pytest.raises(ValueError, match="must be"):
+        AdvantageModelLoss(**kwargs)
+
+
+def test_boundary_settings_are_accepted():
+    am = AdvantageModelLoss(margin=1e-9, task_std=1e-9, expected_coef=0, bound_coef=0, task_coef=0, task_momentum=1.0)
+    assert (am.margin, am.task_std, am.task_momentum) == (1e-9, 1e-9, 1.0)
+    assert am.coefs == {"expected": 0, "bound": 0, "task": 0}
+
+
+@pytest.mark.parametrize(
+    "c, r, tasks, error, message",
+    [
+        ([float("nan"), 0.0], [0.0, 1.0], ["a", "a"], FloatingPointError, "not finite"),
+        ([0.0, 1.0], [0.0, float("nan")], ["a", "a"], FloatingPointError, "not finite"),
+        ([float("inf")], [0.0], ["a"], FloatingPointError, "not finite"),
+        ([0.0], [-float("inf")], ["a"], FloatingPointError, "not finite"),
+        ([1.0, 2.0], [0.0], ["a", "b"], ValueError, r"differ in shape: \(2,\) vs \(1,\)"),
+        ([1.0, 2.0], [0.0, 1.0], None, ValueError, "2 pairs, tasks: none$"),
+        ([1.0, 2.0], [0.0, 1.0], ["a"], ValueError, "2 pairs, tasks: 1$"),
+        ([1.0, 2.0], [0.0, 1.0], ["a", "b", "c"], ValueError, "2 pairs, tasks: 3$"),
+    ],
+)
+def test_bad_input_is_refused(c, r, tasks, error, message):
+    with pytest.raises(error, match=message):
+        AdvantageModelLoss()(torch.tensor(c), torch.tensor(r), tasks)
+
+
+def test_shape_mismatch_is_refused_even_without_the_task_term():
+    with pytest.raises(ValueError, match="differ in shape"):  # [2] vs [1] would broadcast
+        AdvantageModelLoss(task_coef=0)(torch.tensor([1.0, 2.0]), torch.tensor([0.0]))
+
+
+@pytest.mark.parametrize("dtype, out", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                                        (torch.float64, torch.float64)])
+def test_loss_dtype_and_value(dtype, out):
+    c, r = torch.tensor([0.75, -1.5, 3.0], dtype=dtype), torch.tensor([0.25, 0.5, -2.75], dtype=dtype)
+    am = AdvantageModelLoss(margin=1.0, task_momentum=1.0)
+    loss = am(c, r, ["a", "b", "a"])
+    assert loss.dtype == out
+    cn, rn = c.double().numpy(), r.double().numpy()
+    tasks = {"a": [0, 2], "b": [1]}
+    penalty = np.mean([np.concatenate([cn[i], rn[i]]).mean() ** 2 / 2 + (np.concatenate([cn[i], rn[i]]).var() - 1) ** 2 / 2
+                       for i in tasks.values()])
+    want = (-log_expit(cn - rn).mean() + (((cn + rn) / 2) ** 2).mean()
+            + (np.maximum(np.abs(np.r_[cn, rn]) - 1.0, 0) ** 2).mean() + penalty)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_every_term_is_logged_unweighted():
+    c = torch.tensor([0.5, -3.0, 2.0, 0.0], dtype=torch.float64)
+    r = torch.tensor([-0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
+    tasks = ["x", "y", "x", "z"]
+    am = AdvantageModelLoss(margin=1.5, expected_coef=0.3, bound_coef=2.0, task_coef=0.7, task_std=0.6, task_momentum=1.0)
+    loss = am(c, r, tasks, margin=torch.tensor([0.0, 0.5, 1.0, 0.0], dtype=torch.float64))
+    cn, rn = c.numpy(), r.numpy()
+    penalties = []
+    for t in ("x", "y", "z"):  # mean over tasks of each task's penalty (momentum 1: this batch's statistics)
+        a = np.concatenate([cn[[i for i, s in enumerate(tasks) if s == t]], rn[[i for i, s in enumerate(tasks) if s == t]]])
+        penalties.append(a.mean() ** 2 / 2 + (a.var() - 0.36) ** 2 / 2)
+    want = {
+        "rank": -log_expit(cn - rn - np.array([0.0, 0.5, 1.0, 0.0])).mean(),
+        "expected": (((cn + rn) / 2) ** 2).mean(),
+        "bound": (np.maximum(np.abs(np.r_[cn, rn]) - 1.5, 0) ** 2).mean(),
+        "task": np.mean(penalties),
+    }
+    assert am.terms == pytest.approx(want, rel=1e-12)
+    assert loss.item() == pytest.approx(want["rank"] + 0.3 * want["expected"] + 2.0 * want["bound"] + 0.7 * want["task"],
+                                        rel=1e-12)
+    AdvantageModelLoss(expected_coef=0, bound_coef=0, task_coef=0)(c, r)
+    bt = AdvantageModelLoss(expected_coef=0, bound_coef=0, task_coef=0)
+    bt(c, r)
+    assert bt.terms == pytest.approx({"rank": -log_expit(cn - rn).mean()}, rel=1e-12)
+
+
+def test_small_task_variance_is_penalised_below_one():
+    """A task spread of variance 0.04 pulled to tau^2 = 0.25: the penalty sees 0.04, not a floor at 1."""
+    am = AdvantageModelLoss(expected_coef=0, bound_coef=0, task_coef=1.0, task_std=0.5, task_momentum=1.0)
+    am(torch.tensor([0.2], dtype=torch.float64), torch.tensor([-0.2], dtype=torch.float64), ["t"])
+    assert am.terms["task"] == pytest.approx(0.0 + (0.04 - 0.25) ** 2 / 2, rel=1e-12)
+
+
+def test_ties_count_as_wrong_and_sit_at_confidence_one_half():
+    m = pairwise_metrics(torch.tensor([1.0, 2.0, 0.0, 3.0]), torch.tensor([1.0, 1.0, 0.0, 5.0]))
+    assert m["accuracy"] == 0.25  # only 2 > 1 is right; the ties are not
+    p = expit(np.array([0.0, 1.0, 0.0, -2.0]))
+    conf = np.maximum(p, 1 - p)
+    assert m["ece"] == pytest.approx(_numpy_ece(np.array([1.0, 2.0, 0.0, 3.0]), np.array([1.0, 1.0, 0.0, 5.0])), abs=1e-15)
+    # bins: 0 holds the two ties (wrong, conf 0.5); 4 holds conf 0.731 (right); 7 holds conf 0.881 (wrong)
+    assert m["ece"] == pytest.approx((2 * 0.5 + abs(1 - conf[1]) + conf[3]) / 4, abs=1e-15)
+
+
+def test_ece_keeps_neighbouring_bins_apart_and_the_closed_last_bin():
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    gaps = np.array([logit(0.52), -logit(0.57), 50.0, -50.0, -logit(0.97)])  # conf 0.52, 0.57, 1.0, 1.0, 0.97
+    c, r = torch.tensor(gaps), torch.zeros(5, dtype=torch.float64)
+    assert expit(50.0) == 1.0  # confidence exactly 1.0: the closed upper edge of the last bin
+    m = pairwise_metrics(c, r)
+    # bin 0: right at 0.52; bin 1: wrong at 0.57; bin 9: right at 1.0, wrong at 1.0, wrong at 0.97
+    want = (abs(1 - 0.52) + abs(0 - 0.57) + 3 * abs(1 / 3 - (1.0 + 1.0 + 0.97) / 3)) / 5
+    assert m["ece"] == pytest.approx(want, abs=1e-12)
+    assert m["ece"] == pytest.approx(_numpy_ece(gaps, np.zeros(5)), abs=1e-12)
+    assert m["accuracy"] == pytest.approx(2 / 5)
+
+
+@pytest.mark.parametrize("n_bins", [1, 3, 20])
+def test_ece_with_other_bin_counts(n_bins):
+    rng = np.random.default_rng(n_bins)
+    c, r = rng.normal(0, 2, 200), rng.normal(0, 2, 200)
+    m = pairwise_metrics(torch.tensor(c), torch.tensor(r), n_bins=n_bins)
+    assert m["ece"] == pytest.approx(_numpy_ece(c, r, n_bins), abs=1e-12)
+
+
+def test_metrics_per_task_statistics_exactly():
+    c = torch.tensor([1.0, 2.0, -1.0, 0.5])
+    r = torch.tensor([0.0, 3.0, -2.0, 0.5])
+    m = pairwise_metrics(c, r, ["b", "a", "b", 7])
+    assert list(m["per_task"]) == ["7", "a", "b"]
+    assert m["per_task"]["b"] == {"n_pairs": 2, "mean": -0.5, "std": pytest.approx(np.std([1.0, -1.0, 0.0, -2.0]))}
+    assert m["per_task"]["a"] == {"n_pairs": 1, "mean": 2.5, "std": 0.5}
+    assert m["per_task"]["7"] == {"n_pairs": 1, "mean": 0.5, "std": 0.0}
+    assert m["task_mean_spread"] == 3.0 and m["n_pairs"] == 4
+    assert set(m) == {"n_pairs", "accuracy", "ece", "per_task", "task_mean_spread"}
+
+
+@pytest.mark.parametrize(
+    "c, r, tasks, message",
+    [
+        ([], [], None, "got 0 and 0"),
+        ([1.0, 2.0], [0.0], None, "got 2 and 1"),
+        ([1.0], [0.0, 2.0], None, "got 1 and 2"),
+        ([1.0, 2.0], [0.0, 1.0], ["a"], "got 1 task names for 2 pairs"),
+    ],
+)
+def test_metrics_refuse_bad_input(c, r, tasks, message):
+    with pytest.raises(ValueError, match=message):
+        pairwise_metrics(torch.tensor(c), torch.tensor(r), tasks)
+
+
+def test_ece_default_is_ten_bins():
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    c, r = torch.tensor([logit(0.548), 0.0], dtype=torch.float64), torch.tensor([0.0, logit(0.552)], dtype=torch.float64)
+    # ten bins put confidence 0.548 (right) in bin 0 and 0.552 (wrong) in bin 1; eleven would share one bin
+    assert pairwise_metrics(c, r)["ece"] == pytest.approx((abs(1 - 0.548) + abs(0 - 0.552)) / 2, abs=1e-12)

@@ -15,7 +15,6 @@ import random
 import socket
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -246,6 +245,7 @@ class _Loader(list):
     def __init__(self, batches, tasks):
         super().__init__(batches)
         self.dataset = SimpleNamespace(lsc_tasks=tasks)
+        self.sampler = range(sum(len(b[-1]) for b in batches))
 
 
 def _trainer(loss, am, train_tasks=("a", "a", "b", "b"), eval_tasks=("a", "a", "b", "b")):
@@ -304,49 +304,7 @@ def test_trainer_rejects_tasks_with_too_few_pairs(patched):
     _trainer("am", _am_args(task_coef=0.0), train_tasks=("a", "a", "b"))  # no per-task term: no minimum
 
 
-# ---- the CLI's own flags ----
-
-
-def _stock_args(loss_type="am", packing=False):
-    from openrlhf.utils.config import hierarchize
-
-    return hierarchize(Namespace(**{"model.loss_type": loss_type, "ds.packing_samples": packing}))
-
-
-def _parse(*argv):
-    from openrlhf_lsc.cli.train_rm import build_parser
-
-    return build_parser().parse_known_args(list(argv))
-
-
-def test_cli_flags():
-    from openrlhf_lsc.cli.train_rm import resolve
-
-    flat, rest = _parse("--am.task_key", "task", "--model.loss_type", "am", "--adam.lr", "1e-3", "--am.margin", "3")
-    assert rest == ["--model.loss_type", "am", "--adam.lr", "1e-3"]
-    am = resolve(flat, _stock_args())
-    assert (am.task_key, am.margin, am.expected_coef, am.task_std, am.min_task_pairs) == ("task", 3.0, 1.0, 1.0, 10)
-    assert _parse("--am.task", "x")[1] == ["--am.task", "x"]  # no abbreviations: unknown flags go to stock
-
-    flat, _ = _parse("--am.task_key", "task")
-    assert resolve(flat, _stock_args("sigmoid")).task_key == "task"  # per-task metrics for BT runs
-
-
-@pytest.mark.parametrize(
-    "argv, loss, message",
-    [
-        (["--am.margin", "2"], "sigmoid", "--am.margin only applies to --model.loss_type am"),
-        ([], "am", "--am.task_coef > 0 needs --am.task_key"),
-        (["--am.task_key", "t", "--am.bound_coef", "-1"], "am", "--am.bound_coef must be >= 0"),
-        (["--am.task_key", "t", "--am.task_momentum", "1.5"], "am", r"--am.task_momentum must be in \(0, 1\]"),
-        (["--am.min_task_pairs", "0"], "sigmoid", "--am.min_task_pairs must be >= 1"),
-    ],
-)
-def test_cli_rejects_bad_flags(argv, loss, message):
-    from openrlhf_lsc.cli.train_rm import resolve
-
-    with pytest.raises(ValueError, match=message):
-        resolve(_parse(*argv)[0], _stock_args(loss))
+# The CLI's own flags (parse-time checks, one-line errors): tests/test_cli_train_rm.py.
 
 
 def test_metrics_file_keeps_finished_evals_on_resume(patched, tmp_path):

@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from cli_capture import reopen_log_streams
 
 ROOT = Path(__file__).resolve().parents[1]
 SUB = "subprocess"
@@ -234,6 +235,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(world, capsys, tool, ch
 
         main = importlib.import_module(f"openrlhf_lsc.cli.{tool}").main
         capsys.readouterr()
+        reopen_log_streams()
         with pytest.raises(SystemExit) as e:
             main(argv)
         code, err = e.value.code, capsys.readouterr().err

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+from cli_capture import reopen_log_streams
 from openrlhf_lsc import estimate
 from openrlhf_lsc.references import references_from_labels
 
@@ -57,15 +58,22 @@ def http_score(query: str):
 @pytest.fixture(scope="module")
 def server():
     """A reward server speaking serve_rm's protocol (POST {"query", "prompts", "labels"} -> {"rewards"}).
-    While `state.broken` is set it answers {"rewards": []} to every request but the estimator's probe."""
+    While `state.broken` is set it answers {"rewards": []} to every request but the estimator's probe; while
+    `state.down` is set, HTTP 503."""
     payloads = []
-    state = SimpleNamespace(broken=False)
+    state = SimpleNamespace(broken=False, down=False)
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             payloads.append(data)
-            broken = state.broken and data["query"] != ["Hello"]
+            probe = data["query"] == ["Hello"]
+            if state.down and not probe:
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            broken = state.broken and not probe
             body = json.dumps({"rewards": [] if broken else [http_score(q) for q in data["query"]]}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -263,7 +271,7 @@ def test_failed_scores_become_error_records_never_missing_references():
         references_from_labels([labels[2]], ["h", "c"], "ref")
 
 
-def test_score_error_fails_the_calls_prompts_retryably_and_the_run_goes_on():
+def test_score_error_fails_only_the_prompts_that_fail_alone_retryably_and_the_run_goes_on():
     table = {(p, f"r{j}"): float(j) for p in ("a", "b") for j in range(3)}
 
     def flaky(prompts, responses):
@@ -275,6 +283,15 @@ def test_score_error_fails_the_calls_prompts_retryably_and_the_run_goes_on():
     assert [(lab["bad"]["error"], lab["bad"]["retry"]) for lab in labels] == [
         ("server answered nonsense", True), ("server answered nonsense", True), ("empty prompt", False)]
     assert report["rms"]["bad"]["errors"] == 3
+
+    def picky(prompts, responses):  # refuses any call that includes prompt "b"
+        if "b" in prompts:
+            raise estimate.ScoreError("cannot score b")
+        return table_rm(table)(prompts, responses)
+
+    labels, _ = estimate.estimate_references(["a", "b"], fixed_sampler(3), {"rm": picky}, method="quantile", q=0.5, k=3)
+    assert labels[0]["rm"]["reference"] == 1.0  # the whole call failed, then "a" alone succeeded
+    assert (labels[1]["rm"]["reference"], labels[1]["rm"]["error"], labels[1]["rm"]["retry"]) == (None, "cannot score b", True)
 
 
 def test_sampler_and_reward_fn_returning_wrong_counts_raise():
@@ -377,6 +394,7 @@ def run_cli(argv):
 def cli_fails(argv, capsys, code=2):
     """Run the CLI expecting exit `code`; returns its stderr (one error line, no traceback)."""
     capsys.readouterr()
+    reopen_log_streams()
     with pytest.raises(SystemExit) as e:
         run_cli(argv)
     err = capsys.readouterr().err
@@ -402,7 +420,7 @@ def test_cli_end_to_end(cli_setup, e2e, models):
     assert sorted(r["uid"] for r in good + bad) == sorted(r["uid"] for r in cli_setup.rows)
     assert [r["uid"] for r in bad] == ["empty", "fail"]
     assert bad[0][key]["A"]["error"] == "empty prompt" and bad[0][key]["A"]["retry"] is False
-    # The server answered null for FAIL's queries: those prompts fail for that RM, retryably, and the run goes on.
+    # The server answered null for FAIL's queries: that prompt fails for that RM, retryably, and the run goes on.
     judge = bad[1][key]["judge"]
     assert "reward model 'judge' at http://127.0.0.1" in judge["error"] and "is None" in judge["error"]
     assert judge["retry"] is True and bad[1][key]["A"]["reference"] is not None
@@ -501,3 +519,47 @@ def test_cli_overwrite_starts_over(cli_setup, server, tmp_path):
     run_cli(argv + ["--overwrite"])
     assert json.loads((out / "shards" / "shard-00000.jsonl").read_text().splitlines()[0])["index"] == 0
     assert len(read_jsonl(out / "references.jsonl")) == NUM_PROMPTS - 2
+
+
+@pytest.fixture
+def small_run(models, server, tmp_path):
+    """Six plain prompts, a local RM and the test server, no --output.drop_failed."""
+    rows = [{"input": f"question {i}: what is {i} plus one?", "uid": f"s{i}"} for i in range(6)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--data.prompt_dataset", str(tmp_path / "p.jsonl"), "--data.id_key", "uid",
+            "--actor.model_name_or_path", str(models / "policy"), "--rm.paths", f"{models / 'rm_a'},{server.url}",
+            "--rm.names", "A,judge", "--ref.k", "3", "--rollout.max_new_tokens", "4", "--data.max_len", "48",
+            "--output.shard_size", "2", "--rm.retries", "0", "--output.dir", str(tmp_path / "out")]
+    yield SimpleNamespace(argv=argv, out=tmp_path / "out", rows=rows)
+    server.state.broken = server.state.down = False
+
+
+def test_cli_server_without_scores_exits_1_then_a_plain_rerun_completes(small_run, server, capsys):
+    out = small_run.out
+    server.state.broken = True  # answers the probe, then {"rewards": []}
+    err = cli_fails(small_run.argv, capsys, code=1)
+    assert "6 of 6 prompts have no reference (6 may succeed on a rerun" in err and str(out / "errors.jsonl") in err
+    assert not (out / "references.jsonl").exists()
+    failed = read_jsonl(out / "errors.jsonl")
+    assert [r["uid"] for r in failed] == [r["uid"] for r in small_run.rows]
+    assert all(r["lsc_ref"]["judge"]["retry"] and "expected {\"rewards\"" in r["lsc_ref"]["judge"]["error"] for r in failed)
+
+    server.state.broken = False
+    report = run_cli(small_run.argv)  # the same command, no --overwrite
+    good = read_jsonl(out / "references.jsonl")
+    assert [r["uid"] for r in good] == [r["uid"] for r in small_run.rows] and report["rows_with_errors"] == 0
+    assert read_jsonl(out / "errors.jsonl") == []
+    for before, after in zip(failed, good):  # A's finished entries were kept, not recomputed
+        assert after["lsc_ref"]["A"] == before["lsc_ref"]["A"]
+        assert after["lsc_ref"]["judge"]["k"] == 3 and np.isfinite(after["lsc_ref"]["judge"]["reference"])
+
+
+def test_cli_server_down_mid_run_stops_resumably(small_run, server, capsys):
+    out = small_run.out
+    server.state.down = True  # answers the probe, then HTTP 503
+    err = cli_fails(small_run.argv, capsys, code=1)
+    assert f"reward model 'judge' at {server.url}: HTTP 503" in err and "rerun the same command to continue" in err
+    assert not list((out / "shards").glob("*.jsonl")) and not (out / "references.jsonl").exists()
+    server.state.down = False
+    run_cli(small_run.argv)
+    assert [r["uid"] for r in read_jsonl(out / "references.jsonl")] == [r["uid"] for r in small_run.rows]

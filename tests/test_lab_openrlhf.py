@@ -120,24 +120,22 @@ def test_saved_models_load_in_openrlhf(openrlhf, tmp_path):
 
 CHECKER = r'''
 import json, sys
-import ray
-import openrlhf.utils
 import openrlhf_lsc.cli.train_ppo_ray as cli
+import openrlhf_lsc.integration.ppo as ppo
 
 class Parsed(Exception):
     pass
 
-def stop(args):
+def stop(stock, args):
     raise Parsed(args)
 
-cli._init_ray = lambda: None
-ray.is_initialized = lambda: True
-openrlhf.utils.get_strategy = stop  # train() calls it first: every stock check has passed by then
+ppo.train = stop  # the CLI's last step: every stock and plugin check has passed by then
 try:
     cli.main(sys.argv[1:])
 except Parsed as e:
     a = e.args[0]
-    print(json.dumps({"lsc": {k: getattr(a.lsc, k) for k in ("transform", "aggregate", "weights", "reference", "reward_names")},
+    spec = dict(vars(a.lsc.spec), weights=list(a.lsc.spec.weights or []) or None, reward_names=list(a.lsc.spec.names))
+    print(json.dumps({"lsc": {k: spec[k] for k in ("transform", "aggregate", "weights", "reference", "reward_names")},
                       "kl": a.algo.kl.init_coef, "label_key": a.data.label_key, "critic": a.critic.model_name_or_path,
                       "reward": a.reward.model_name_or_path, "estimator": a.algo.advantage.estimator,
                       "episodes": a.train.num_episodes}))
@@ -165,6 +163,8 @@ def test_gpu_example_flags_parse_in_the_real_launcher(tmp_path, method):
     (tmp_path / "runs").mkdir()
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "prompts_train.jsonl").write_text("{}\n" * 100)
+    for prop in run["properties"]:  # the CLI checks that local reward-model paths exist
+        (tmp_path / "models" / f"rm_{prop}").mkdir(parents=True)
     stairs = [{"kl_coef": 0.5, "step": 30}, {"kl_coef": 0.0123, "step": 60}]
     (tmp_path / "runs" / "r.json").write_text(json.dumps({"run": run, "stairs": stairs, "ppo": {"rollout_prompts": 64}}))
     (tmp_path / "checker.py").write_text(CHECKER)

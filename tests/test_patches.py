@@ -461,6 +461,7 @@ def test_patched_openrlhf_lsc_uses_the_reward_hook(clean_hooks, patched):
 
     from openrlhf.trainer.ppo_utils.experience import Experience
     from openrlhf_lsc.integration import ppo
+    from openrlhf_lsc.rewards import RewardSpec
 
     em = patched[1]
     ppo.apply()
@@ -476,8 +477,8 @@ def test_patched_openrlhf_lsc_uses_the_reward_hook(clean_hooks, patched):
         reward=SimpleNamespace(clip_range=None),
         data=SimpleNamespace(label_key=None),
         algo=SimpleNamespace(advantage=SimpleNamespace(estimator="reinforce", gamma=1.0, lambd=1.0, no_std_norm=True)),
-        lsc=SimpleNamespace(transform="lsc", aggregate="and", weights=None, reference="constant", quantile=None,
-                            reference_value=[0.5, -0.5], reward_names=["a", "b"], dump_rewards=None),
+        lsc=SimpleNamespace(spec=RewardSpec(names=("a", "b"), transform="lsc", reference="constant",
+                                             reference_value=(0.5, -0.5)), extra_logs=False, dump_rewards=None),
     ))
     exps = [_experiences(Experience, raw[index].clone(), index) for index in ([0, 3], [2, 1])]
     for e in exps:

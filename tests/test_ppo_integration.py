@@ -1,9 +1,11 @@
 """The real OpenRLHF 0.11.2 reward path with the plugin registered: RemoteExperienceMaker's
-compute_advantages_and_returns for every advantage estimator, the multi-RM reward actor, and the CLI's
-flag checks. Expectations are computed independently below (plain numpy)."""
+compute_advantages_and_returns for every reward source (local RM, K local RMs, HTTP remote, .py reward_func, agent)
+and every advantage estimator, the multi-RM reward actor, the step number on resume, the setup hook.
+Expectations are computed independently below (plain numpy)."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -11,6 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+
+from openrlhf_lsc.rewards import RewardSpec
 
 ESTIMATORS = ["gae", "reinforce", "rloo", "reinforce_baseline", "group_norm", "dr_grpo", "flash_reinforce"]
 
@@ -27,42 +31,49 @@ def openrlhf_modules():
     return em, Experience
 
 
-def make_maker(em, estimator, n, clip=None, lsc=None, label_key="lsc_ref", no_std_norm=False):
+def lsc_config(dump=None, extra_logs=False, **spec):
+    return SimpleNamespace(spec=RewardSpec(**spec), extra_logs=extra_logs, dump_rewards=dump,
+                           rehearsal=SimpleNamespace(dataset=None))
+
+
+def make_maker(em, estimator, n, clip=None, lsc=None, no_std_norm=False):
     maker = em.RemoteExperienceMaker.__new__(em.RemoteExperienceMaker)
     maker.advantage_estimator = estimator
     maker.kl_ctl = SimpleNamespace(value=0.0)
     args = SimpleNamespace(
         rollout=SimpleNamespace(n_samples_per_prompt=n),
         reward=SimpleNamespace(clip_range=clip, overlong_buffer_len=None, stop_properly_penalty_coef=None),
-        data=SimpleNamespace(label_key=label_key),
         algo=SimpleNamespace(
             advantage=SimpleNamespace(estimator=estimator, gamma=1.0, lambd=1.0, no_std_norm=no_std_norm)
         ),
+        lsc=lsc,
     )
-    if lsc is not None:
-        args.lsc = SimpleNamespace(**{"weights": None, "quantile": None, "reference_value": None,
-                                      "dump_rewards": None, **lsc})
     maker.strategy = SimpleNamespace(args=args)
     return maker
 
 
-def experiences(Experience, rewards, labels, order, split, T=3):
-    """Experiences holding samples `order` (shuffled sample indices), split into micro-batches."""
+def experiences(Experience, rewards, labels, order, split, n=1, extra=None, T=3):
+    """Experiences holding samples `order` (shuffled sample indices), split into micro-batches, as OpenRLHF
+    builds them: `rewards` [b] or [b, K] with info["reward"] the same; `extra` {key: [N] values} in info, as
+    OpenRLHF copies a reward_func's / agent's extra_logs."""
     out, start = [], 0
     for size in split:
         idx = order[start : start + size]
         start += size
+        info = {"reward": rewards[idx].clone()}
+        info.update({k: torch.as_tensor(v, dtype=torch.float32)[idx] for k, v in (extra or {}).items()})
         out.append(
             Experience(
                 index=list(idx),
                 rewards=rewards[idx].clone(),
                 labels=[labels[i] for i in idx],
+                prompts=[f"question {i // n}" for i in idx],
                 action_mask=torch.ones(size, T),
                 kl=torch.zeros(size, T),
                 values=torch.zeros(size, T),
-                sequences=torch.arange(size * 4).reshape(size, 4),
+                sequences=4 * torch.tensor(idx)[:, None] + torch.arange(4),
                 attention_mask=torch.ones(size, 4, dtype=torch.long),
-                info={},
+                info=info,
             )
         )
     return out
@@ -91,35 +102,65 @@ def lsc_np(r, ref):
     return -np.log1p(np.exp(-(r - ref)))
 
 
+# How each reward source hands its rewards to compute_advantages_and_returns (OpenRLHF 0.11.2):
+# - rm: one local reward model, experience.rewards [b] (bf16 from the reward actor);
+# - rms: K local reward models, [b, K] from the (patched) reward actor;
+# - remote: an HTTP server or a .py reward_func's scalar `rewards`, [b], no names;
+# - reward_func / agent: the scalar plus K named raw rewards in extra_logs['lsc/<name>/reward'] (a reward_func's
+#   extra_logs and an agent's last step's extra_logs land in experience.info the same way).
+SOURCES = ["rm", "rms", "remote", "reward_func", "agent"]
+
+
+def source_batch(source, raw, n, prompts):
+    """(experience rewards, extra info, spec names, extra_logs flag) for `raw` [N, K] in prompt-major order."""
+    if source == "rm":
+        return raw[:, :1].reshape(-1).to(torch.bfloat16), None, ("rm",), False
+    if source == "rms":
+        return raw.to(torch.bfloat16), None, ("helpful", "harmless"), False
+    if source == "remote":
+        return raw[:, 0].clone(), None, ("remote",), False
+    # the source's own scalar (e.g. its own combination) differs from the named raw rewards the plugin reads
+    extra = {"lsc/helpful/reward": raw[:, 0], "lsc/harmless/reward": raw[:, 1], "lsc/other/metric": raw[:, 0] * 0}
+    return raw.sum(1) * 100, extra, ("helpful", "harmless"), True
+
+
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_real_compute_advantages_with_lsc_and_two_rms(openrlhf_modules, estimator):
+@pytest.mark.parametrize("source", SOURCES)
+def test_every_reward_source_and_estimator_against_numpy(openrlhf_modules, source, estimator):
     em, Experience = openrlhf_modules
     n, prompts = 4, 3
-    gen = torch.Generator().manual_seed(ESTIMATORS.index(estimator))
-    rewards = (torch.randn(n * prompts, 2, generator=gen) * 3).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(ESTIMATORS.index(estimator) + 10 * SOURCES.index(source))
+    raw = torch.randn(n * prompts, 2, generator=gen) * 3
     refs = torch.randn(prompts, 2, generator=gen)
-    labels = [json.dumps({"helpful": {"reference": refs[i // n, 0].item()}, "harmless": {"reference": refs[i // n, 1].item()}})
+    rewards, extra, names, extra_logs = source_batch(source, raw, n, prompts)
+    k = len(names)
+    ref_of = {"rm": 0, "remote": 0, "helpful": 0, "harmless": 1}
+    labels = [json.dumps({name: {"reference": refs[i // n, ref_of[name]].item()} for name in names})
               for i in range(n * prompts)]
     order = torch.randperm(n * prompts, generator=gen).tolist()
-    exps = experiences(Experience, rewards, labels, order, [5, 7])
-    maker = make_maker(em, estimator, n, lsc=dict(transform="lsc", aggregate="and", reference="label",
-                                                  reward_names=["helpful", "harmless"]))
-    out = maker.compute_advantages_and_returns(exps)
+    exps = experiences(Experience, rewards, labels, order, [5, 7], n, extra)
+    cfg = lsc_config(names=names, transform="lsc", reference="label", label_key="lsc_ref", extra_logs=extra_logs)
+    out = make_maker(em, estimator, n, lsc=cfg).compute_advantages_and_returns(exps)
 
-    r = rewards.float().double().numpy()
-    ref = np.repeat(refs.double().numpy(), n, axis=0)
+    r = (raw.to(torch.bfloat16) if source in ("rm", "rms") else raw).double().numpy()[:, :k]
+    ref = np.repeat(refs.double().numpy(), n, axis=0)[:, [ref_of[name] for name in names]]
     u = lsc_np(r, ref).sum(1)
     adv = expected_advantages(u, estimator, n)
+    np.testing.assert_allclose(torch.cat([e.rewards for e in out]).double().numpy(), u[order], rtol=1e-5, atol=1e-6)
     got_adv = torch.cat([e.advantages for e in out]).double().numpy()
-    got_u = torch.cat([e.rewards for e in out]).double().numpy()
-    np.testing.assert_allclose(got_u, u[order], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got_adv, np.repeat(adv[order][:, None], 3, 1), rtol=1e-4, atol=1e-5)
-    # Logged per-RM metrics, per sample, in experience order.
-    info = {k: torch.cat([e.info[k] for e in out]).double().numpy() for k in out[0].info if k.startswith("lsc/")}
-    np.testing.assert_allclose(info["lsc/helpful/reward"], r[order, 0], rtol=1e-6)
-    np.testing.assert_allclose(info["lsc/harmless/margin"], (r - ref)[order, 1], rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(info["lsc/helpful/above_ref"], (r > ref)[order, 0].astype(float))
-    np.testing.assert_allclose(info["lsc/harmless/utility"], lsc_np(r, ref)[order, 1], rtol=1e-5, atol=1e-6)
+    # Logged per-RM metrics, per sample, in experience order; stock's `reward` stays the source's raw reward.
+    info = {key: torch.cat([e.info[key] for e in out]).double().numpy() for key in out[0].info}
+    for j, name in enumerate(names):
+        np.testing.assert_allclose(info[f"lsc/{name}/reward"], r[order, j], rtol=1e-6)
+        np.testing.assert_allclose(info[f"lsc/{name}/margin"], (r - ref)[order, j], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(info[f"lsc/{name}/above_ref"], (r > ref)[order, j].astype(float))
+        np.testing.assert_allclose(info[f"lsc/{name}/utility"], lsc_np(r, ref)[order, j], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(info["lsc/utility"], u[order], rtol=1e-5, atol=1e-6)
+    # `reward` as in stock: what PPO trains on (after length penalties, none here); `lsc/reward`: the raw one.
+    np.testing.assert_allclose(info["reward"], u[order], rtol=1e-5, atol=1e-6)
+    source_reward = rewards.double().numpy() if rewards.dim() == 1 else r.sum(1)
+    np.testing.assert_allclose(info["lsc/reward"], source_reward[order], rtol=1e-6)
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -130,20 +171,31 @@ def test_raw_without_other_flags_reproduces_stock(openrlhf_modules, estimator):
     order = [3, 0, 5, 1, 4, 2]
     stock = em.RemoteExperienceMaker.compute_advantages_and_returns.__lsc_original__
     base = stock(make_maker(em, estimator, n, clip=(-10, 10)), experiences(Experience, rewards, [""] * 6, order, [2, 4]))
-    maker = make_maker(em, estimator, n, clip=(-10, 10), lsc=dict(transform="raw", aggregate="and", reference="none",
-                                                                 reward_names=["rm"]))
+    maker = make_maker(em, estimator, n, clip=(-10, 10), lsc=lsc_config(names=("rm",)))
     plugged = maker.compute_advantages_and_returns(experiences(Experience, rewards, [""] * 6, order, [2, 4]))
     for a, b in zip(base, plugged):
         assert torch.equal(a.advantages, b.advantages) and torch.equal(a.returns, b.returns)
-        assert torch.equal(a.rewards, b.rewards)
+        assert torch.equal(a.rewards, b.rewards) and torch.equal(a.info["reward"], b.info["reward"])
+
+
+def test_plugin_off_is_stock(openrlhf_modules):
+    """args.lsc None (a stock launch, or the plugin CLI without --lsc flags): the wrapper is stock, info too."""
+    em, Experience = openrlhf_modules
+    rewards = torch.tensor([0.5, 1.0, 2.0, -1.0])
+    stock = em.RemoteExperienceMaker.compute_advantages_and_returns.__lsc_original__
+    base = stock(make_maker(em, "rloo", 2), experiences(Experience, rewards, [""] * 4, [2, 0, 3, 1], [4]))
+    plugged = make_maker(em, "rloo", 2).compute_advantages_and_returns(
+        experiences(Experience, rewards, [""] * 4, [2, 0, 3, 1], [4]))
+    for a, b in zip(base, plugged):
+        assert torch.equal(a.advantages, b.advantages) and a.info.keys() == b.info.keys()
+        assert all(torch.equal(a.info[k], b.info[k]) for k in a.info)
 
 
 def test_transform_runs_before_stock_clipping(openrlhf_modules):
     em, Experience = openrlhf_modules
-    rewards = torch.tensor([[-40.0], [0.0]])  # lsc utility ~ -40 -> clipped to -10 by --reward.clip_range
+    rewards = torch.tensor([-40.0, 0.0])  # lsc utility ~ -40 -> clipped to -10 by --reward.clip_range
     maker = make_maker(em, "reinforce", 1, clip=(-10, 10), no_std_norm=True,
-                       lsc=dict(transform="lsc", aggregate="and", reference="constant", reference_value=[0.0],
-                                reward_names=["rm"]))
+                       lsc=lsc_config(names=("rm",), transform="lsc", reference="constant", reference_value=(0.0,)))
     out = maker.compute_advantages_and_returns(experiences(Experience, rewards, ["", ""], [0, 1], [2]))[0]
     u = lsc_np(np.array([-40.0, 0.0]), 0.0)
     expected = np.clip(u, -10, 10) - np.clip(u, -10, 10).mean()
@@ -154,17 +206,17 @@ def test_transform_runs_before_stock_clipping(openrlhf_modules):
 def test_group_reference_and_dump(openrlhf_modules, tmp_path):
     em, Experience = openrlhf_modules
     n = 4
-    rewards = torch.tensor([[0.0], [1.0], [2.0], [3.0], [10.0], [10.5], [9.0], [8.0]])
-    dump = tmp_path / "dump.jsonl"
-    maker = make_maker(em, "group_norm", n, lsc=dict(transform="lsc", aggregate="and", reference="group",
-                                                     quantile=0.75, reward_names=["rm"], dump_rewards=str(dump)))
-    maker.compute_advantages_and_returns(experiences(Experience, rewards, [""] * 8, list(range(8)), [8]))
+    rewards = torch.tensor([0.0, 1.0, 2.0, 3.0, 10.0, 10.5, 9.0, 8.0])
+    dump = tmp_path / "sub" / "dump.jsonl"
+    maker = make_maker(em, "group_norm", n, lsc=lsc_config(str(dump), names=("rm",), transform="lsc",
+                                                           reference="group", quantile=0.75))
+    maker.compute_advantages_and_returns(experiences(Experience, rewards, [""] * 8, [5, 1, 0, 7, 2, 3, 6, 4], [3, 5]))
     rows = [json.loads(line) for line in dump.read_text().splitlines()]
     assert [row["sample"] for row in rows] == list(range(8))
     for row in rows:
-        g = rewards[(row["sample"] // n) * n : (row["sample"] // n + 1) * n, 0].numpy()
+        g = rewards[(row["sample"] // n) * n : (row["sample"] // n + 1) * n].numpy()
         ref = np.quantile(g, 0.75)
-        assert row["references"] == [pytest.approx(ref)]
+        assert row["references"] == [pytest.approx(ref)] and row["rewards"] == [rewards[row["sample"]].item()]
         assert row["utility"] == pytest.approx(lsc_np(row["rewards"][0], ref), rel=1e-6)
         assert row["sequence"] == list(range(4 * row["sample"], 4 * row["sample"] + 4))
 
@@ -172,32 +224,35 @@ def test_group_reference_and_dump(openrlhf_modules, tmp_path):
 @pytest.mark.parametrize(
     "label, message",
     [
-        ({"helpful": {"reference": 1.0}}, r"prompt \d+: field 'lsc_ref' has no finite reference for reward model 'harmless'"),
-        ({"helpful": {"reference": 1.0}, "harmless": {"reference": float("nan")}}, "no finite reference"),
-        ("{not json", "not valid JSON"),
-        ("", "must map reward-model names"),
+        ({"helpful": {"reference": 1.0}}, "prompt 'question 1': field 'lsc_ref' has no finite reference for "
+         "reward model 'harmless'"),
+        ({"helpful": {"reference": 1.0}, "harmless": {"reference": float("nan")}}, "prompt 'question 1'.*no finite"),
+        ("{not json", "prompt 'question 1': field 'lsc_ref' is not valid JSON"),
+        ("", "prompt 'question 1': field 'lsc_ref' must map reward-model names"),
     ],
 )
-def test_missing_or_bad_references_name_prompt_and_field(openrlhf_modules, label, message):
+def test_missing_or_bad_references_name_the_prompt_text_and_field(openrlhf_modules, label, message):
     em, Experience = openrlhf_modules
-    labels = [json.dumps({"helpful": {"reference": 0.0}, "harmless": {"reference": 0.0}})] * 3 + [
-        label if isinstance(label, str) else json.dumps(label)
-    ]
-    maker = make_maker(em, "reinforce", 2, lsc=dict(transform="lsc", aggregate="and", reference="label",
-                                                    reward_names=["helpful", "harmless"]))
+    good = json.dumps({"helpful": {"reference": 0.0}, "harmless": {"reference": 0.0}})
+    labels = [good, good] + [label if isinstance(label, str) else json.dumps(label)] * 2
+    maker = make_maker(em, "reinforce", 2, lsc=lsc_config(names=("helpful", "harmless"), transform="lsc",
+                                                          reference="label", label_key="lsc_ref"))
     with pytest.raises(ValueError, match=message):
-        maker.compute_advantages_and_returns(experiences(Experience, torch.zeros(4, 2), labels, [0, 1, 2, 3], [4]))
+        maker.compute_advantages_and_returns(experiences(Experience, torch.zeros(4, 2), labels, [3, 0, 2, 1], [4], n=2))
 
 
-def test_nan_reward_and_wrong_k_are_errors(openrlhf_modules):
+def test_bad_rewards_are_errors_naming_the_source(openrlhf_modules):
     em, Experience = openrlhf_modules
-    maker = make_maker(em, "reinforce", 2, lsc=dict(transform="raw", aggregate="and", reference="none",
-                                                    reward_names=["a", "b"]))
+    maker = make_maker(em, "reinforce", 2, lsc=lsc_config(names=("a", "b")))
     bad = torch.tensor([[0.0, float("nan")], [1.0, 1.0]])
-    with pytest.raises(ValueError, match="rewards from the reward models must be finite"):
+    with pytest.raises(ValueError, match="reward model 'b' returned nan"):
         maker.compute_advantages_and_returns(experiences(Experience, bad, ["", ""], [0, 1], [2]))
-    with pytest.raises(ValueError, match="returned 1 rewards per sample but --lsc.reward_names lists 2"):
-        maker.compute_advantages_and_returns(experiences(Experience, torch.zeros(2, 1), ["", ""], [0, 1], [2]))
+    with pytest.raises(ValueError, match=r"rewards must be \[N, 2\]"):
+        maker.compute_advantages_and_returns(experiences(Experience, torch.zeros(2), ["", ""], [0, 1], [2]))
+    named = make_maker(em, "reinforce", 2, lsc=lsc_config(names=("a", "b"), extra_logs=True))
+    exps = experiences(Experience, torch.zeros(2), ["", ""], [0, 1], [2], extra={"lsc/a/reward": [1.0, 2.0]})
+    with pytest.raises(ValueError, match=r"no extra_logs\['lsc/b/reward'\].*'lsc/a/reward'"):
+        named.compute_advantages_and_returns(exps)
 
 
 def test_reward_actor_scores_with_k_models(openrlhf_modules):
@@ -250,14 +305,75 @@ def test_reward_actor_scores_with_k_models(openrlhf_modules):
     torch.testing.assert_close(out, torch.tensor([[6.0, -12.0], [15.0, -30.0]]))
 
 
-def test_rewards_already_transformed_by_reward_func_are_not_transformed_twice(openrlhf_modules):
-    em, Experience = openrlhf_modules
-    exps = experiences(Experience, torch.zeros(2, 1), ["", ""], [0, 1], [2])
-    exps[0].info["lsc_transformed"] = torch.ones(2)
-    maker = make_maker(em, "reinforce", 2, lsc=dict(transform="lsc", aggregate="and", reference="constant",
-                                                    reference_value=[0.0], reward_names=["remote"]))
-    with pytest.raises(ValueError, match="already applied the transform; use --lsc.transform raw"):
-        maker.compute_advantages_and_returns(exps)
+SHIPPED_TRAINER = r'''
+import json, pickle, sys
+from types import SimpleNamespace
+import torch
+from openrlhf.trainer.ppo_utils.experience import Experience
+import openrlhf.trainer.ppo_utils.experience_maker as em
+from openrlhf_lsc.integration import setup_worker
+from openrlhf_lsc.rewards import RewardSpec
+
+setup_worker()  # as in a Ray worker: the setup hook first, then the actor class the driver shipped
+with open(sys.argv[1], "rb") as f:
+    cls = pickle.load(f)
+maker = em.RemoteExperienceMaker.__new__(em.RemoteExperienceMaker)
+maker.advantage_estimator, maker.kl_ctl = "reinforce", SimpleNamespace(value=0.0)
+maker.strategy = SimpleNamespace(args=SimpleNamespace(
+    rollout=SimpleNamespace(n_samples_per_prompt=1), reward=SimpleNamespace(clip_range=None),
+    algo=SimpleNamespace(advantage=SimpleNamespace(estimator="reinforce", gamma=1.0, lambd=1.0, no_std_norm=False)),
+    lsc=SimpleNamespace(spec=RewardSpec(names=("rm",)), extra_logs=False, dump_rewards=sys.argv[2])))
+
+class Stop(Exception):
+    pass
+
+def decode(*a, **k):
+    raise Stop  # train_step's next move after making experiences: enough has run
+
+fake = SimpleNamespace(experience_maker=SimpleNamespace(make_experience_batch=maker.compute_advantages_and_returns),
+                       tokenizer=SimpleNamespace(decode=decode))
+for global_step in (41, 42):
+    exps = [Experience(index=[0, 1], rewards=torch.tensor([1.0, 2.0]), labels=["", ""], prompts=["p", "q"],
+                       action_mask=torch.ones(2, 3), kl=torch.zeros(2, 3), values=torch.zeros(2, 3),
+                       sequences=torch.ones(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 4, dtype=torch.long),
+                       info={})]
+    try:
+        cls.train_step(fake, exps, global_step)
+    except Stop:
+        pass
+print("steps", [json.loads(line)["step"] for line in open(sys.argv[2])])
+'''
+
+
+@pytest.mark.parametrize("trainer", ["sync", "async"])
+def test_step_number_is_openrlhfs_global_step_so_it_survives_a_resume(openrlhf_modules, trainer, tmp_path):
+    """The dump's step is the global step OpenRLHF logs for the rollout (train_step's global_step + 1): a run
+    resumed at step 41 continues with 42, for PPOTrainer (sync) and the async TrainingActor. The trainer's actor
+    class runs as Ray ships it: pickled by value (cloudpickle) in the driver, loaded in another process."""
+    from openrlhf.trainer import ppo_trainer, ppo_trainer_async
+    from ray import cloudpickle
+
+    actor = ppo_trainer.PPOTrainer if trainer == "sync" else ppo_trainer_async.TrainingActor
+    (tmp_path / "cls.pkl").write_bytes(cloudpickle.dumps(actor.__ray_metadata__.modified_class))
+    out = subprocess.run([sys.executable, "-c", SHIPPED_TRAINER, str(tmp_path / "cls.pkl"), str(tmp_path / "d.jsonl")],
+                         capture_output=True, text=True, timeout=600)
+    assert "steps [42, 42, 43, 43]" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+def test_setup_hook_registers_without_initialising_cuda():
+    """The Ray worker setup hook (run before OpenRLHF sets CUDA_VISIBLE_DEVICES per actor) must not touch CUDA:
+    any CUDA initialisation goes through torch.cuda._lazy_init, which fails here if called."""
+    code = (
+        "import torch\n"
+        "def refuse(*a, **k):\n    raise SystemExit('CUDA initialised by the setup hook')\n"
+        "torch.cuda._lazy_init = refuse\ntorch.cuda.init = refuse\n"
+        "import openrlhf_lsc.integration as integration\n"
+        "integration.setup_worker()\n"
+        "assert integration.registered() and not torch.cuda.is_initialized()\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-3000:]
 
 
 def test_signature_mismatch_fails_loudly():
@@ -277,3 +393,49 @@ def test_version_outside_the_supported_range_is_refused(monkeypatch):
     monkeypatch.setattr(integration, "version", lambda name: "0.12.0")
     with pytest.raises(RuntimeError, match=r"supports OpenRLHF >=0.11.2,<0.12 but found 0.12.0"):
         integration.check_openrlhf_version()
+
+
+AUTOLOAD_CHECK = r'''
+import os, sys, ray
+from openrlhf_lsc.integration import registered
+
+ray.init(num_cpus=2, include_dashboard=False)  # no worker_process_setup_hook
+env = {"PYTHONPATH": os.environ["PYTHONPATH"]}
+on = ray.remote(registered).options(runtime_env={"env_vars": {**env, "OPENRLHF_LSC_AUTOLOAD": "1"}})
+off = ray.remote(registered).options(runtime_env={"env_vars": env})
+print("autoload:", ray.get(on.remote()), ray.get(off.remote()))
+'''
+
+
+def test_autoloader_registers_in_ray_workers_only_when_asked(tmp_path):
+    """`python -m openrlhf_lsc.integration.autoload install` + OPENRLHF_LSC_AUTOLOAD=1: Ray workers started without
+    the setup hook have the plugin; without the variable they do not. (The folder it installs into stands for
+    site-packages here: a sitecustomize makes it a site dir, so the shared environment is left alone.)"""
+    import os
+
+    from openrlhf_lsc.integration import autoload
+
+    site_dir, boot = tmp_path / "site", tmp_path / "boot"
+    site_dir.mkdir()
+    boot.mkdir()
+    autoload.main(["install", "--site", str(site_dir)])
+    assert (site_dir / autoload.PTH).read_text() == autoload.LINE
+    (boot / "sitecustomize.py").write_text(f"import site\nsite.addsitedir({str(site_dir)!r})\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(boot), os.environ["PYTHONPATH"]]))
+    out = subprocess.run([sys.executable, "-c", AUTOLOAD_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert "autoload: True False" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    autoload.main(["uninstall", "--site", str(site_dir)])
+    assert not (site_dir / autoload.PTH).exists()
+
+
+def test_register_skips_what_cannot_import_here():
+    """On a CPU install without flash-attn / vLLM (no test stand-ins), register() (called by a patched OpenRLHF's
+    load_plugins in every CLI) skips the parts whose OpenRLHF code needs them, instead of failing the process."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import openrlhf_lsc.integration as i\ni.register()\nimport sys\n"
+            "print(i.registered(), 'vllm' in sys.modules, 'flash_attn' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(root)},
+                         capture_output=True, text=True, timeout=600)
+    assert out.stdout.strip().endswith("True False False"), out.stdout[-2000:] + out.stderr[-3000:]

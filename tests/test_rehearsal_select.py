@@ -87,6 +87,13 @@ def test_bad_selection_input_is_named():
         select(scores, clusters, 1)
     with pytest.raises(ValueError, match="row 2 has nan"):
         select(np.array([0, 1, np.nan, 0]), clusters, 1, ppo_fraction=0.5)
+    for threshold in (float("nan"), float("inf")):  # nan once gave an empty PPO set without a word
+        with pytest.raises(ValueError, match="--select.ppo_threshold must be a finite number"):
+            select(scores, clusters, 1, ppo_threshold=threshold)
+    with pytest.raises(ValueError, match="--select.ppo_fraction must be in"):
+        select(scores, clusters, 1, ppo_fraction=float("nan"))
+    with pytest.raises(ValueError, match="--select.rehearsal_k must be an integer >= 0, got 1.5"):
+        select(scores, clusters, 1.5, ppo_fraction=0.5)
 
 
 # ---------------------------------------------------------------- CLI

@@ -1,201 +1,224 @@
 """`python -m openrlhf_lsc.cli.train_ppo_ray <stock train_ppo_ray flags> --lsc.<...>`
 
-Parses and strips the `--lsc.*` flags, runs the stock `openrlhf.cli.train_ppo_ray` unchanged (runpy) with
-the plugin registered in this process and, through Ray's `worker_process_setup_hook`, in every Ray worker;
-the parsed flags ride on OpenRLHF's own args namespace as `args.lsc`, which reaches every actor.
+Builds stock `openrlhf.cli.train_ppo_ray`'s own parser with the `--lsc.*` flags added, runs stock's own checks,
+checks the `--lsc.*` flags against them (one line naming the flag, exit 2, before anything starts), then calls
+stock's `train(args)` with `args.lsc` attached. Without any `--lsc.*` flag, `args.lsc` is None and stock gets
+exactly the args it would build itself: no Ray hook, no probe, no patch does anything.
 """
 
 import argparse
+import math
 import os
 import sys
 from types import SimpleNamespace
 from typing import List, Optional
 
-from openrlhf_lsc.rewards import AGGREGATES, TRANSFORMS
+from openrlhf_lsc.integration import StockCLI
+from openrlhf_lsc.rewards import AGGREGATES, REFERENCES, TRANSFORMS, RewardSpec
 
-SETUP_HOOK = "openrlhf_lsc.integration.setup_worker"
-REFERENCES = ("none", "label", "group", "constant")
+PROG = "python -m openrlhf_lsc.cli.train_ppo_ray"
+REHEARSAL = {  # --lsc.rehearsal.<name>: (type, default, help)
+    "dataset": (str, None, "JSONL/HF dataset of expert (prompt, response) pairs D_R; setting it turns rehearsal on "
+                "(it must be readable at this path on every node running a policy actor)"),
+    "coef": (float, 0.01, "gamma in L_PPO + gamma * NLL(D_R), finite and >= 0"),
+    "input_key": (str, "input", "prompt field of the rehearsal dataset"),
+    "output_key": (str, "output", "response field of the rehearsal dataset"),
+    "micro_batch_size": (int, 1, "rehearsal pairs per actor micro-step, >= 1"),
+    "max_len": (int, None, "max tokens per pair, >= 3 (default: --data.max_len)"),
+}
 
 
-def _floats(flag: str):
-    def parse(text: str) -> List[float]:
-        try:
-            return [float(v) for v in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+def numbers(text: str) -> List[float]:
+    """argparse type: comma-separated finite numbers ("-1,0.5")."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
 
-    return parse
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m openrlhf_lsc.cli.train_ppo_ray",
-        description="Stock OpenRLHF train_ppo_ray plus LSC reward transforms (every stock flag works as in "
-        "openrlhf.cli.train_ppo_ray; the stock flags' help follows).",
-        add_help=False,
-    )
-    g = p.add_argument_group("openrlhf_lsc (--lsc.*)")
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("openrlhf_lsc reward transforms (--lsc.*); any of them turns the plugin on")
     g.add_argument("--lsc.transform", choices=TRANSFORMS, default="raw",
-                   help="raw: r (stock); lsc: log sigmoid(r - r_ref(x)); center: r - r_ref(x); logsigmoid: log sigmoid(r)")
+                   help="raw: r (stock); lsc: log sigmoid(r - r_ref(x)); center: r - r_ref(x); logsigmoid: "
+                   "log sigmoid(r); sigmoid: sigmoid(r - r_ref(x))")
     g.add_argument("--lsc.reward_models", default=None,
-                   help="comma-separated local reward models A,B,...: each sample gets K rewards, scored in "
-                   "OpenRLHF's reward actors (same as --reward.model_name_or_path A,B)")
+                   help="comma-separated local reward models A,B,...: each sample gets K rewards from OpenRLHF's "
+                   "reward actors (the same as --reward.model_name_or_path A,B)")
     g.add_argument("--lsc.reward_names", default=None,
-                   help="comma-separated names of the K reward models, used for reference labels and metrics "
-                   "(default: the basename of each path; 'remote' for --reward.remote_url)")
+                   help="comma-separated reward names, for reference labels and metrics. Local reward models: one "
+                   "per model (default: each path's basename). --reward.remote_url / --train.agent_func_path: the "
+                   "names the reward_func or agent returns as extra_logs['lsc/<name>/reward'] (default: its scalar "
+                   "reward, named after the .py file, 'remote' or 'agent')")
     g.add_argument("--lsc.aggregate", choices=AGGREGATES, default="and",
-                   help="and: sum of transformed rewards (logical AND with lsc); weighted: sum_k w_k u_k")
-    g.add_argument("--lsc.weights", type=_floats("--lsc.weights"), default=None,
-                   help="K comma-separated weights for --lsc.aggregate weighted")
+                   help="and: sum of the K utilities (logical AND with lsc); weighted: sum_k w_k u_k")
+    g.add_argument("--lsc.weights", type=numbers, default=None, help="K comma-separated weights for --lsc.aggregate weighted")
     g.add_argument("--lsc.reference", choices=REFERENCES, default="none",
-                   help="where r_ref(x) comes from: label = per prompt from --data.label_key (schema: "
-                   "openrlhf_lsc.references); group = --lsc.quantile of the prompt's n_samples_per_prompt "
-                   "rollouts (moving, not the paper's SFT reference); constant = --lsc.reference_value")
+                   help="r_ref(x): label = per prompt from the --data.label_key field (schema: openrlhf_lsc.references); "
+                   "group = the --lsc.quantile of the prompt's n_samples_per_prompt rollouts (moving, not the paper's "
+                   "SFT reference); constant = --lsc.reference_value")
     g.add_argument("--lsc.quantile", type=float, default=None, help="quantile in (0, 1) for --lsc.reference group")
-    g.add_argument("--lsc.reference_value", type=_floats("--lsc.reference_value"), default=None,
+    g.add_argument("--lsc.reference_value", type=numbers, default=None,
                    help="K comma-separated constants for --lsc.reference constant")
     g.add_argument("--lsc.dump_rewards", default=None,
-                   help="append per-sample JSON lines (raw rewards, references, utility, token ids) to this file")
-    r = p.add_argument_group("selective rehearsal (--lsc.rehearsal.*)")
-    r.add_argument("--lsc.rehearsal.dataset", default=None, help="JSONL/HF dataset of expert (prompt, response) pairs; on")
-    r.add_argument("--lsc.rehearsal.coef", type=float, default=0.01, help="gamma in L_PPO + gamma * NLL(D_R)")
-    r.add_argument("--lsc.rehearsal.input_key", default="input", help="prompt field of the rehearsal dataset")
-    r.add_argument("--lsc.rehearsal.output_key", default="output", help="response field of the rehearsal dataset")
-    r.add_argument("--lsc.rehearsal.micro_batch_size", type=int, default=1, help="rehearsal pairs per actor micro-step")
-    r.add_argument("--lsc.rehearsal.max_len", type=int, default=None, help="max tokens per pair (default --data.max_len)")
-    return p
+                   help="absolute path: the PPO trainer process appends one JSON line per sample (step, token ids, "
+                   "K raw rewards, references, utility)")
+    r = parser.add_argument_group("Selective Rehearsal (--lsc.rehearsal.*)")
+    for name, (kind, default, text) in REHEARSAL.items():
+        r.add_argument(f"--lsc.rehearsal.{name}", type=kind, default=default, help=text)
 
 
-def _namespace(flat: argparse.Namespace) -> SimpleNamespace:
-    """{'lsc.rehearsal.coef': v} -> ns.rehearsal.coef (drops the 'lsc.' prefix)."""
-    root = SimpleNamespace()
-    for key, value in vars(flat).items():
-        node = root
-        *parents, leaf = key.split(".")[1:]
-        for part in parents:
-            if not hasattr(node, part):
-                setattr(node, part, SimpleNamespace())
-            node = getattr(node, part)
-        setattr(node, leaf, value)
-    return root
+def check_exists(path: str, flag: str) -> None:
+    """A local path must exist; anything else may be a Hugging Face hub id (not checked offline)."""
+    if path.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(path)):
+        raise ValueError(f"{flag} {path}: no such file or directory")
 
 
-def resolve(lsc: SimpleNamespace, args) -> SimpleNamespace:
-    """Check the --lsc.* flags against each other and the stock args; fill reward models and names."""
-    if lsc.reward_models:
-        if args.reward.remote_url:
-            raise ValueError("--lsc.reward_models scores with local reward models; drop --reward.remote_url")
-        stock = args.reward.model_name_or_path
-        if stock and stock != lsc.reward_models:
-            raise ValueError(
-                f"--lsc.reward_models {lsc.reward_models!r} conflicts with --reward.model_name_or_path {stock!r}; give one"
-            )
-        args.reward.model_name_or_path = lsc.reward_models
-    if args.reward.remote_url:
-        paths = ["remote"]
-    elif args.reward.model_name_or_path:
-        paths = args.reward.model_name_or_path.split(",")
-    else:
-        raise ValueError("no reward: give --lsc.reward_models, --reward.model_name_or_path or --reward.remote_url")
-    names = lsc.reward_names.split(",") if lsc.reward_names else [os.path.basename(p.rstrip("/")) for p in paths]
-    if len(names) != len(paths):
-        raise ValueError(f"--lsc.reward_names lists {len(names)} names for {len(paths)} reward models")
-    if len(set(names)) != len(names):
-        raise ValueError(f"reward model names {names} are not unique: set --lsc.reward_names")
-    lsc.reward_names = names
-    k = len(names)
-
-    if lsc.aggregate == "weighted":
-        if lsc.weights is None or len(lsc.weights) != k:
-            got = 0 if lsc.weights is None else len(lsc.weights)
-            raise ValueError(f"--lsc.aggregate weighted needs --lsc.weights with {k} values (one per reward model), got {got}")
-    elif lsc.weights is not None:
-        raise ValueError("--lsc.weights is only used with --lsc.aggregate weighted")
-
-    if lsc.transform in ("lsc", "center") and lsc.reference == "none":
-        raise ValueError(f"--lsc.transform {lsc.transform} needs a reference: set --lsc.reference label|group|constant")
-    if lsc.reference == "label" and not args.data.label_key:
-        raise ValueError("--lsc.reference label reads references from the prompt field named by --data.label_key; set it")
-    if lsc.reference == "group":
-        if lsc.quantile is None or not 0.0 < lsc.quantile < 1.0:
-            raise ValueError(f"--lsc.reference group needs --lsc.quantile in (0, 1), got {lsc.quantile}")
-        if args.rollout.n_samples_per_prompt < 2:
-            raise ValueError("--lsc.reference group needs --rollout.n_samples_per_prompt >= 2")
-    elif lsc.quantile is not None:
-        raise ValueError("--lsc.quantile is only used with --lsc.reference group")
-    if lsc.reference == "constant":
-        if lsc.reference_value is None or len(lsc.reference_value) != k:
-            got = 0 if lsc.reference_value is None else len(lsc.reference_value)
-            raise ValueError(f"--lsc.reference constant needs --lsc.reference_value with {k} values, got {got}")
-    elif lsc.reference_value is not None:
-        raise ValueError("--lsc.reference_value is only used with --lsc.reference constant")
-
-    if lsc.rehearsal.dataset:
-        from openrlhf_lsc.integration.rehearsal import check_config
-
-        check_config(lsc.rehearsal)
-    coef = getattr(args.reward, "stop_properly_penalty_coef", None)
-    if lsc.transform != "raw" and coef is not None and coef >= 0:
+def _writable_file(path: str, flag: str) -> str:
+    if not os.path.isabs(path):
         raise ValueError(
-            "--reward.stop_properly_penalty_coef >= 0 scales a truncated sample's reward toward 0, which rewards "
-            f"truncation when --lsc.transform {lsc.transform} makes utilities negative; use a negative coef (fixed value)"
+            f"{flag} {path!r} must be an absolute path: the PPO trainer process writes it, on whichever node Ray "
+            f"places it (under `ray job submit` a relative path lands in Ray's temporary working_dir); "
+            f"e.g. {flag} {os.path.join('/abs/dir', os.path.basename(path) or 'dump.jsonl')}"
         )
-    if lsc.transform == "center" and args.algo.advantage.estimator in ("rloo", "reinforce_baseline", "dr_grpo", "group_norm"):
-        print(f"[openrlhf_lsc] note: --lsc.transform center is cancelled by the group baseline of "
-              f"{args.algo.advantage.estimator} (it equals raw there); lsc is not")
-    if lsc.transform in ("lsc", "logsigmoid") and args.reward.clip_range is not None and args.reward.clip_range[0] > -30:
-        print(f"[openrlhf_lsc] note: utilities below {args.reward.clip_range[0]} (a reward that far below its "
-              "reference) are clipped by --reward.clip_range; the fraction clipped is logged as lsc/clipped")
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a directory; give a file path")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):  # the trainer creates missing folders
+        parent = os.path.dirname(parent)
+    target = path if os.path.exists(path) else parent
+    if not os.access(target, os.W_OK) or not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path}: {target} is not writable")
+    return path
+
+
+def resolve(flat: dict, args, rewards: bool = True) -> SimpleNamespace:
+    """Check the --lsc.* flags against each other and stock's args; return `args.lsc`.
+
+    Args:
+        flat: the parsed `--lsc.*` flags, {"transform": ..., "rehearsal.coef": ...}.
+        args: OpenRLHF's args after stock's own checks (`--lsc.reward_models` already applied).
+        rewards: whether any reward flag (every `--lsc.*` flag but `--lsc.rehearsal.*`) was given.
+
+    Returns:
+        SimpleNamespace(spec: RewardSpec or None (no reward flag given), extra_logs: bool (read the K rewards from
+        the reward_func's/agent's extra_logs), dump_rewards, rehearsal: SimpleNamespace of --lsc.rehearsal.*).
+
+    Raises:
+        ValueError naming the flag, for the CLI to print as one line.
+    """
+    lsc = SimpleNamespace(spec=None, extra_logs=False, dump_rewards=None,
+                          rehearsal=SimpleNamespace(**{k.split(".")[1]: flat.pop(k) for k in list(flat) if "." in k}))
+    if rewards:
+        lsc.spec, lsc.extra_logs = _reward_spec(flat, args)
+    if flat["dump_rewards"]:
+        lsc.dump_rewards = _writable_file(flat["dump_rewards"], "--lsc.dump_rewards")
+
+    reh = lsc.rehearsal
+    if reh.dataset:
+        check_exists(reh.dataset, "--lsc.rehearsal.dataset")
+        if not (math.isfinite(reh.coef) and reh.coef >= 0):
+            raise ValueError(f"--lsc.rehearsal.coef must be a finite number >= 0, got {reh.coef}")
+        if reh.micro_batch_size < 1:
+            raise ValueError(f"--lsc.rehearsal.micro_batch_size must be >= 1, got {reh.micro_batch_size}")
+        if reh.max_len is not None and reh.max_len < 3:
+            raise ValueError(f"--lsc.rehearsal.max_len must be >= 3 tokens, got {reh.max_len}")
+        for key in ("input_key", "output_key"):
+            if not getattr(reh, key).strip():
+                raise ValueError(f"--lsc.rehearsal.{key} must name a dataset field, got an empty string")
+        if args.ds.ring_attn_size > 1:
+            raise ValueError("--lsc.rehearsal.dataset does not support ring attention: drop --ds.ring_attn_size "
+                             f"{args.ds.ring_attn_size} (rehearsal's forward is not sharded over a ring group)")
+    else:
+        given = [k for k, (_, default, _) in REHEARSAL.items() if getattr(reh, k) != default]
+        if given:
+            raise ValueError(f"--lsc.rehearsal.{given[0]} only applies with --lsc.rehearsal.dataset; set the dataset")
     return lsc
+
+
+def _reward_spec(flat: dict, args):
+    """The RewardSpec for the run's reward source, and whether its K rewards come from extra_logs."""
+    agent, remote, local = args.train.agent_func_path, args.reward.remote_url, args.reward.model_name_or_path
+    if local and (agent or remote):
+        other = f"--train.agent_func_path {agent}" if agent else f"--reward.remote_url {','.join(remote)}"
+        raise ValueError(
+            f"{other} replaces the local reward models (stock OpenRLHF ignores --reward.model_name_or_path {local} "
+            "then): drop --reward.model_name_or_path / --lsc.reward_models, or score with those models inside the "
+            "reward function and return each score as extra_logs['lsc/<name>/reward'] (--lsc.reward_names)"
+        )
+    names = flat["reward_names"].split(",") if flat["reward_names"] is not None else None
+    if agent or remote:
+        for path in [agent] if agent else [u for u in remote if u.endswith(".py")]:
+            flag = "--train.agent_func_path" if agent else "--reward.remote_url"
+            if not os.path.isfile(path):
+                raise ValueError(f"{flag} {path}: no such file")
+        if names is None:  # the source's scalar reward is the single reward
+            name = "agent" if agent else os.path.splitext(os.path.basename(remote[0]))[0] if remote[0].endswith(".py") else "remote"
+            names = [name]
+        extra_logs = flat["reward_names"] is not None
+    else:  # local reward models (main() refused a run without any reward source)
+        paths = local.split(",")
+        for path in paths:
+            check_exists(path, "--reward.model_name_or_path")
+        names = names or [os.path.basename(p.rstrip("/")) for p in paths]
+        if len(names) != len(paths):
+            raise ValueError(f"--lsc.reward_names lists {len(names)} names for {len(paths)} reward models ({local})")
+        extra_logs = False
+    spec = RewardSpec(names=tuple(names), transform=flat["transform"], aggregate=flat["aggregate"],
+                      weights=flat["weights"], reference=flat["reference"], quantile=flat["quantile"],
+                      reference_value=flat["reference_value"], label_key=args.data.label_key)
+    if spec.reference == "group" and args.rollout.n_samples_per_prompt < 2:
+        raise ValueError("--lsc.reference group needs --rollout.n_samples_per_prompt >= 2 (the group to take the "
+                         f"quantile over), got {args.rollout.n_samples_per_prompt}")
+    coef = args.reward.stop_properly_penalty_coef
+    if spec.transform != "raw" and coef is not None and coef >= 0:
+        raise ValueError(
+            f"--reward.stop_properly_penalty_coef {coef} >= 0 scales a truncated sample's reward toward 0, which "
+            f"rewards truncation when --lsc.transform {spec.transform} makes utilities negative; use a negative "
+            "coef (a fixed value) or drop it"
+        )
+    return spec, extra_logs
+
+
+def stock_cli() -> StockCLI:
+    return StockCLI("openrlhf.cli.train_ppo_ray", PROG, "--lsc.", add_flags)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    if "-h" in argv or "--help" in argv:
-        parser.print_help()
-        print("\n--- stock openrlhf.cli.train_ppo_ray flags ---")
-    flat, rest = parser.parse_known_args(argv)
-    lsc = _namespace(flat)
+    stock = stock_cli()
+    flat = stock.parse(argv)
+    lsc = {k[4:]: flat.pop(k) for k in list(flat) if k.startswith("lsc.")}
+    models = lsc.pop("reward_models")
+    if models:  # before stock's checks, which read --reward.model_name_or_path
+        if flat["reward.model_name_or_path"] not in (None, models):
+            stock.error(f"--lsc.reward_models {models} conflicts with --reward.model_name_or_path "
+                        f"{flat['reward.model_name_or_path']}: give one of them")
+        flat["reward.model_name_or_path"] = models
+    rewards = any(t.startswith("--lsc") and not t.startswith("--lsc.rehearsal") for t in argv)
+    if rewards and not (flat["reward.model_name_or_path"] or flat["reward.remote_url"] or flat["train.agent_func_path"]):
+        stock.error("no reward source: give --reward.model_name_or_path (or --lsc.reward_models), "
+                    "--reward.remote_url or --train.agent_func_path")  # before stock's checks, which assume one
+    args = stock.check(flat)
+    args.lsc = None
+    if any(t.startswith("--lsc") for t in argv):
+        try:
+            args.lsc = resolve(lsc, args, rewards)
+        except ValueError as e:
+            stock.error(str(e))
+    stock.require("flash_attn", "vllm")
+    if args.lsc is None:
+        stock.train(args)
+        return
 
-    from openrlhf_lsc.integration import register, run_stock_cli
+    from openrlhf_lsc.integration.ppo import SetupError, train
 
-    register()
-
-    def on_args(args):
-        args.lsc = resolve(lsc, args)
-        _init_ray()  # after stock parsing, so --help and flag errors exit before Ray starts
-
-    run_stock_cli("openrlhf.cli.train_ppo_ray", rest, on_args)
-
-
-def _init_ray() -> None:
-    """Start Ray with the plugin's worker setup hook (stock env defaults kept), then prove workers have it."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            runtime_env={
-                "worker_process_setup_hook": SETUP_HOOK,
-                "env_vars": {
-                    "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
-                    "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
-                    "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
-                },
-            }
-        )
-    if not ray.get(ray.remote(num_cpus=0)(_remote_probe).remote()):
-        raise RuntimeError(
-            "openrlhf_lsc is not registered in Ray workers: Ray was started without the plugin's setup hook. "
-            f"Pass runtime_env={{'worker_process_setup_hook': '{SETUP_HOOK}'}} to ray.init / "
-            f"`ray job submit --runtime-env-json`, or let this CLI start Ray."
-        )
-
-
-def _remote_probe():
-    import openrlhf_lsc.integration as integration
-
-    return integration._registered
+    try:
+        train(stock, args)
+    except SetupError as e:
+        stock.error(str(e))
 
 
 if __name__ == "__main__":

@@ -4,12 +4,16 @@ Active only when the args namespace carries `args.am` (attached by `openrlhf_lsc
 otherwise every patched function runs as stock. With it:
 - `RewardDataset` keeps each row's task (`--am.task_key`; "all" without it): its items carry
   `(margin, task)` and its collate returns the stock margins list with a `.tasks` attribute;
-- `RewardModelTrainer` wraps its dataloaders so the trainer knows the tasks of the batch it is on,
-  replaces the loss with `AdvantageModelLoss` for `--model.loss_type am`, stops with the batch named
-  when a loss is not finite, adds the AM terms to the training logs, and after each evaluation
-  computes `pairwise_metrics` (accuracy, ECE, per-task mean/std), logs them, writes them to
-  `<ckpt.output_dir>/rm_eval_metrics.json` and puts the per-task statistics into the model config
-  (`lsc_am_task_stats`, saved in config.json with the model).
+- `RewardModelTrainer` wraps its dataloaders so the trainer knows the tasks (and dataset indices) of the
+  batch it is on, replaces the loss with `AdvantageModelLoss` for `--model.loss_type am`, stops with the
+  batch named when a loss is not finite, adds the AM terms to the training logs, and after each evaluation
+  computes `pairwise_metrics` (accuracy, ECE, per-task mean/std) over every evaluation pair once, logs
+  them, writes them to `<ckpt.output_dir>/rm_eval_metrics.json` and puts the per-task statistics into the
+  model config (`lsc_am_task_stats`, saved in config.json with the model).
+- Across data-parallel ranks: the AM loss's running per-task statistics are updated with the global batch
+  (summed over the DP group), so all ranks hold the same; they are saved in DeepSpeed checkpoints
+  (client state `lsc_am_loss`) and restored by `--ckpt.load_enable`. Evaluation scores are gathered from
+  all ranks and each pair counted once: the distributed sampler pads the last batch with repeated pairs.
 """
 
 import json
@@ -20,9 +24,11 @@ import torch
 
 from openrlhf_lsc.am_loss import ALL, AdvantageModelLoss, pairwise_metrics
 from openrlhf_lsc.integration import wrap
+from openrlhf_lsc.integration.rehearsal import LOAD_CKPT, remember_loaded_states
 
 METRICS_FILE = "rm_eval_metrics.json"
 CONFIG_KEY = "lsc_am_task_stats"
+STATE_KEY = "lsc_am_loss"
 
 
 class TaskList(list):
@@ -52,7 +58,7 @@ def read_tasks(dataset, task_key) -> list:
 
 
 class _TaskFeed:
-    """Yields the stock dataloader's batches, telling the trainer which batch (and tasks) it is on.
+    """Yields the stock dataloader's batches, telling the trainer which batch (tasks, dataset indices) it is on.
 
     Done at hand-over to the training loop, so it stays right with dataloader workers prefetching.
     """
@@ -68,9 +74,12 @@ class _TaskFeed:
 
     def __iter__(self):
         self.passes += 1
+        order, start = list(self.loader.sampler), 0  # the dataset indices this rank's batches hold, in order
         for i, batch in enumerate(self.loader):
-            self.trainer.lsc_tasks = batch[-1].tasks
+            tasks = batch[-1].tasks
+            self.trainer.lsc_tasks, self.trainer.lsc_indices = tasks, order[start : start + len(tasks)]
             self.trainer.lsc_where = f"{self.name} pass {self.passes}, micro-batch {i}"
+            start += len(tasks)
             yield batch
 
 
@@ -145,8 +154,16 @@ def _trainer_init(original):
             if am.task_coef:
                 _check_task_sizes(train_dataloader.dataset, "training", am.min_task_pairs)
             self.lsc_am = AdvantageModelLoss(
-                am.margin, am.expected_coef, am.bound_coef, am.task_coef, am.task_std, am.task_momentum
+                am.margin, am.expected_coef, am.bound_coef, am.task_coef, am.task_std, am.task_momentum,
+                task_names=sorted(set(train_dataloader.dataset.lsc_tasks)), all_reduce=_dp_sum(strategy),
             )
+            # train_rm loads its checkpoint (strategy.load_ckpt) before it builds this trainer
+            states = getattr(strategy, "lsc_loaded_client_states", None)
+            if states:
+                if STATE_KEY in states:
+                    self.lsc_am.load_state_dict(states[STATE_KEY])
+                else:
+                    strategy.print("[openrlhf_lsc] the checkpoint has no AM task statistics; they restart")
             strategy.print(f"Advantage Model loss (openrlhf_lsc): {vars(am)}")
             base = self.lsc_am
         else:
@@ -178,32 +195,50 @@ def _checked_loss(trainer, base, name):
             ) from None
         if not training:  # stock evaluate() calls loss_fn on every eval batch: collect its scores here
             trainer.lsc_eval.append((chosen_reward.detach().float().cpu(), reject_reward.detach().float().cpu(),
-                                     trainer.lsc_tasks))
+                                     trainer.lsc_tasks, trainer.lsc_indices))
         return loss
 
     return loss_fn
 
 
+def _dp_sum(strategy):
+    """A sum over the data-parallel ranks for the AM running statistics, or None with one rank."""
+    dist = torch.distributed
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    group = strategy.ds_device_mesh["dp"].get_group()
+
+    def all_reduce(tensor):
+        dist.all_reduce(tensor, group=group)
+        return tensor
+
+    return all_reduce
+
+
 def _save_logs(original):
     def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):
-        if getattr(self, "lsc_am", None) is not None and logs_dict is not None:
-            logs_dict.update({f"am_{k}": v for k, v in self.lsc_am.terms.items()})
+        if getattr(self, "lsc_am", None) is not None:
+            if logs_dict is not None:
+                logs_dict.update({f"am_{k}": v for k, v in self.lsc_am.terms.items()})
+            client_states = {**(client_states or {}), STATE_KEY: self.lsc_am.state_dict()}
         return original(self, args, global_step, step_bar, logs_dict, client_states)
 
     return save_logs_and_checkpoints
 
 
 def _gather_eval(trainer):
-    chosen = torch.cat([c.flatten() for c, _, _ in trainer.lsc_eval])
-    rejected = torch.cat([r.flatten() for _, r, _ in trainer.lsc_eval])
-    tasks = [t for _, _, ts in trainer.lsc_eval for t in ts]
+    """Every rank's evaluation scores, each evaluation pair once, in dataset order."""
+    rows = [row for c, r, tasks, idx in trainer.lsc_eval
+            for row in zip(idx, c.flatten().tolist(), r.flatten().tolist(), tasks)]
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         parts = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, (chosen.tolist(), rejected.tolist(), tasks))
-        chosen = torch.tensor([v for p in parts for v in p[0]])
-        rejected = torch.tensor([v for p in parts for v in p[1]])
-        tasks = [t for p in parts for t in p[2]]
-    return chosen, rejected, tasks
+        torch.distributed.all_gather_object(parts, rows)
+        rows = [row for part in parts for row in part]
+    unique = {}
+    for row in rows:  # the sampler repeats pairs to fill the last batch of every rank
+        unique.setdefault(row[0], row)
+    rows = [unique[i] for i in sorted(unique)]
+    return torch.tensor([r[1] for r in rows]), torch.tensor([r[2] for r in rows]), [r[3] for r in rows]
 
 
 def _evaluate(original):
@@ -254,6 +289,7 @@ def apply() -> None:
     """Patch OpenRLHF's reward-model dataset and trainer in this process (idempotent, signature-checked)."""
     from openrlhf.datasets import RewardDataset
     from openrlhf.trainer.rm_trainer import RewardModelTrainer
+    from openrlhf.utils.deepspeed import DeepspeedStrategy
 
     wrap(RewardDataset, "__init__", ["self", "dataset", "tokenizer", "max_length", "strategy", "input_template",
                                      "is_dpo", "num_processors"], _dataset_init)
@@ -265,3 +301,4 @@ def apply() -> None:
     wrap(RewardModelTrainer, "save_logs_and_checkpoints", ["self", "args", "global_step", "step_bar", "logs_dict",
                                                            "client_states"], _save_logs)
     wrap(RewardModelTrainer, "evaluate", ["self", "eval_dataloader", "steps"], _evaluate)
+    wrap(DeepspeedStrategy, "load_ckpt", LOAD_CKPT, remember_loaded_states)

@@ -1,10 +1,12 @@
 """Run OpenRLHF's real `train_ppo_ray` on a CPU machine (tests only).
 
-    python tests/cpu_harness/driver.py [--returns FILE] [--engine-checksums FILE] -- <train_ppo_ray flags>
+    python tests/cpu_harness/driver.py [--returns FILE] [--engine-checksums FILE] [--job] -- <train_ppo_ray flags>
 
-Starts Ray with logical GPUs (every OpenRLHF model actor asks for one) and the plugin's worker
-setup hook, makes the rollout engines `fake_vllm` actors, loads `worker_shims` in every process,
-then runs the plugin CLI `openrlhf_lsc.cli.train_ppo_ray.main(flags)`.
+Starts Ray with logical GPUs (every OpenRLHF model actor asks for one) and the harness's worker setup hook
+(`worker_shims.setup_worker`: CPU shims, then the plugin's hook), makes the rollout engines `fake_vllm`
+actors, then runs the plugin CLI `openrlhf_lsc.cli.train_ppo_ray.main(flags)`. With `--job` (under
+`ray job submit`, whose runtime env carries the hook and ENV) it starts nothing: stock's own `ray.init`
+joins the job's cluster.
 `--returns` records per sample the return OpenRLHF computed (see worker_shims);
 `--engine-checksums` writes each engine's final weight checksum (JSON list) after training, to
 check weight sync against the saved actor.
@@ -29,8 +31,8 @@ ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "WANDB_MODE": "disabled",
     "HF_HUB_OFFLINE": "1",
-    "OPENRLHF_LSC_WORKER_PRELOAD": "cpu_harness.worker_shims",
 }
+SETUP_HOOK = "cpu_harness.worker_shims.setup_worker"
 LOGICAL_GPUS = 8  # one per actor / critic / reference / reward model / engine, with room to spare
 
 
@@ -38,6 +40,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--returns", type=Path, help="append per-sample returns computed by OpenRLHF here")
     parser.add_argument("--engine-checksums", type=Path, help="write the engines' final weight checksums here")
+    parser.add_argument("--job", action="store_true", help="run inside `ray job submit`: do not start Ray")
     parser.add_argument("flags", nargs=argparse.REMAINDER, help="train_ppo_ray flags, after --")
     opts = parser.parse_args(argv)
     flags = opts.flags[1:] if opts.flags[:1] == ["--"] else opts.flags
@@ -47,7 +50,7 @@ def main(argv=None) -> None:
 
     from cpu_harness import fake_vllm, worker_shims  # noqa: F401  (installs the shims in the driver)
 
-    import openrlhf.trainer.ray
+    import openrlhf.cli.train_ppo_ray as stock
     import ray
 
     engines = []  # kept to read their weights after training
@@ -56,17 +59,17 @@ def main(argv=None) -> None:
         engines.extend(fake_vllm.create_vllm_engines(*args, **kwargs))
         return engines
 
-    # train_ppo_ray does `from openrlhf.trainer.ray import create_vllm_engines` when run.
-    openrlhf.trainer.ray.create_vllm_engines = create_engines
+    stock.create_vllm_engines = create_engines  # stock's train() calls the name it imported
 
-    from openrlhf_lsc.cli.train_ppo_ray import SETUP_HOOK, main as plugin_main
+    from openrlhf_lsc.cli.train_ppo_ray import main as plugin_main
 
-    ray.init(
-        num_cpus=LOGICAL_GPUS,
-        num_gpus=LOGICAL_GPUS,
-        include_dashboard=False,  # its ~10 helper processes only slow the start on 2 cores
-        runtime_env={"worker_process_setup_hook": SETUP_HOOK, "env_vars": ENV},
-    )
+    if not opts.job:
+        ray.init(
+            num_cpus=LOGICAL_GPUS,
+            num_gpus=LOGICAL_GPUS,
+            include_dashboard=False,  # its ~10 helper processes only slow the start on 2 cores
+            runtime_env={"worker_process_setup_hook": SETUP_HOOK, "env_vars": ENV},
+        )
     try:
         plugin_main(flags)
         if opts.engine_checksums:

@@ -1,7 +1,7 @@
 """A test-only stand-in for OpenRLHF's vLLM rollout actor: same methods, HF `generate` on CPU.
 
 It offers what OpenRLHF 0.11.2 calls on an engine (`trainer/ray/vllm_engine.py` RolloutRayActor):
-`generate_responses` (through OpenRLHF's own SingleTurnAgentExecutor), `generate`,
+`generate_responses` (through OpenRLHF's own agent executors, as the real one), `generate`,
 `get_num_unfinished_requests`, weight sync (`init_process_group` + `update_weight`, a gloo
 broadcast from the DeepSpeed actor) and the cache/sleep calls as no-ops.
 """
@@ -23,15 +23,15 @@ class FakeRolloutActor:
     def __init__(self, pretrain: str, seed: int, agent_func_path: Optional[str] = None, remote_rm_url=None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from openrlhf.trainer.ray.vllm_engine import _load_agent_executor
         from openrlhf.utils.agent import SingleTurnAgentExecutor
 
-        if agent_func_path:
-            raise NotImplementedError("the CPU fake engine runs single-turn rollouts only (no --train.agent_func_path)")
         torch.manual_seed(seed)
         # bf16 like the real engines (`dtype="bfloat16"`): the actor broadcasts bf16 weights.
         self.model = AutoModelForCausalLM.from_pretrained(pretrain, dtype=torch.bfloat16).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(pretrain)
-        self.executor = SingleTurnAgentExecutor(remote_rm_url)
+        # as the real RolloutRayActor: the user's agent executor, or single-turn with the reward source
+        self.executor = _load_agent_executor(agent_func_path) if agent_func_path else SingleTurnAgentExecutor(remote_rm_url)
         self.group = None
 
     async def generate(self, prompt_token_ids: List[int], sampling_params, multi_modal_data=None):

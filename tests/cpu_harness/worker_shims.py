@@ -1,9 +1,9 @@
 """Per-process CPU shims for end-to-end `train_ppo_ray` runs (tests only, never the package).
 
-Importing this module installs them (idempotent); it is loaded in the driver and, through
-`OPENRLHF_LSC_WORKER_PRELOAD` (read by the plugin's Ray setup hook), in every Ray worker before the
-plugin registers and before OpenRLHF's trainer modules import (so the names they import from
-`distributed_util` are the shims, and the plugin's wrappers sit on top of `_record_returns`).
+Importing this module installs them (idempotent); it is loaded in the driver and, through the harness's own
+Ray setup hook `setup_worker` (which then calls the plugin's), in every Ray worker before the plugin registers
+and before OpenRLHF's trainer modules import (so the names they import from `distributed_util` are the shims,
+and the plugin's wrappers sit on top of `_record_returns`).
 
 With `CPU_HARNESS_RETURNS` set to a path, the experience maker also appends one JSON line per sample
 with the return the stock code computed: the evidence of what the trainer optimised.
@@ -87,6 +87,14 @@ def install() -> None:
     if os.environ.get(RETURNS_ENV):
         maker = RemoteExperienceMaker
         maker.compute_advantages_and_returns = _record_returns(maker.compute_advantages_and_returns)
+
+
+def setup_worker() -> None:
+    """The harness's Ray `worker_process_setup_hook`: CPU shims first, then the plugin's own hook."""
+    install()
+    from openrlhf_lsc.integration import setup_worker as plugin_setup_worker
+
+    plugin_setup_worker()
 
 
 install()

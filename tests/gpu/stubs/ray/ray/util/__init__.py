@@ -1,0 +1,1 @@
+from . import placement_group, scheduling_strategies  # noqa: F401
