@@ -85,7 +85,7 @@ def test_saved_models_load_in_openrlhf(openrlhf, tmp_path):
 
     tok = world.build_tokenizer()
     policy = models.new_policy(0, hidden=32)
-    rm = models.reward_model_from(policy, 1)
+    rm = models.reward_model_from(policy, 1, eos_scale=400.0)  # the lab's proxies: enlarged EOS embedding
     torch.nn.init.normal_(rm.score.weight, std=0.5)  # a visible head, not the near-zero init
     save_model_dir(str(tmp_path / "sft"), policy, tok)
     save_model_dir(str(tmp_path / "rm"), rm, tok)
@@ -137,13 +137,14 @@ except Parsed as e:
     spec = dict(vars(a.lsc.spec), weights=list(a.lsc.spec.weights or []) or None, reward_names=list(a.lsc.spec.names))
     print(json.dumps({"lsc": {k: spec[k] for k in ("transform", "aggregate", "weights", "reference", "reward_names")},
                       "kl": a.algo.kl.init_coef, "label_key": a.data.label_key, "critic": a.critic.model_name_or_path,
-                      "reward": a.reward.model_name_or_path, "estimator": a.algo.advantage.estimator}))
+                      "reward": a.reward.model_name_or_path, "estimator": a.algo.advantage.estimator,
+                      "episodes": a.train.num_episodes}))
     sys.exit(0)
 sys.exit("train() was not reached")
 '''
 
 
-@pytest.mark.parametrize("method", ["lsc_AND", "weighted_w0.3", "single_lsc"])
+@pytest.mark.parametrize("method", ["lsc_AND", "weighted_w0.3", "single_lsc_canned", "single_raw"])
 def test_gpu_example_flags_parse_in_the_real_launcher(tmp_path, method):
     """examples/lab_gpu.sh, with `python -m openrlhf_lsc.cli.train_ppo_ray` stopped just before training."""
     import json
@@ -151,17 +152,21 @@ def test_gpu_example_flags_parse_in_the_real_launcher(tmp_path, method):
     import subprocess
     import sys
 
+    from openrlhf_lsc.lab.experiments import and_run, make_run, weighted_run
+
     run = {
-        "lsc_AND": dict(experiment="and", properties=["helpful", "harmless"], transform="lsc", aggregate="and", weights=None),
-        "weighted_w0.3": dict(experiment="and", properties=["helpful", "harmless"], transform="raw", aggregate="weighted",
-                              weights=[0.3, 0.7]),
-        "single_lsc": dict(experiment="single", properties=["helpful"], transform="lsc", aggregate="and", weights=None),
+        "lsc_AND": and_run(0, 0.75, 0.5, "test", 0),
+        "weighted_w0.3": weighted_run(0, 0.3, "test", 0),
+        "single_lsc_canned": make_run(0, "single", ["harmless"], "lsc@canned", "lsc", "and", None, "canned", "test", 0),
+        "single_raw": make_run(0, "single", ["helpful"], "raw", "raw", "and", None, None, "test", 0),
     }[method]
-    run["kl_coef"] = 0.0123
     (tmp_path / "runs").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "prompts_train.jsonl").write_text("{}\n" * 100)
     for prop in run["properties"]:  # the CLI checks that local reward-model paths exist
         (tmp_path / "models" / f"rm_{prop}").mkdir(parents=True)
-    (tmp_path / "runs" / "r.json").write_text(json.dumps({"run": run}))
+    stairs = [{"kl_coef": 0.5, "step": 30}, {"kl_coef": 0.0123, "step": 60}]
+    (tmp_path / "runs" / "r.json").write_text(json.dumps({"run": run, "stairs": stairs, "ppo": {"rollout_prompts": 64}}))
     (tmp_path / "checker.py").write_text(CHECKER)
     # `python` on PATH: the launch goes to the checker, everything else to this interpreter.
     shim = tmp_path / "bin" / "python"
@@ -176,8 +181,9 @@ def test_gpu_example_flags_parse_in_the_real_launcher(tmp_path, method):
     parsed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert parsed["lsc"]["transform"] == run["transform"] and parsed["lsc"]["aggregate"] == run["aggregate"]
     assert parsed["lsc"]["weights"] == run["weights"] and parsed["lsc"]["reward_names"] == run["properties"]
-    assert parsed["kl"] == 0.0123 and parsed["estimator"] == "gae"
+    assert parsed["kl"] == 0.0123 and parsed["estimator"] == "gae"  # the last stair's coefficient
+    assert parsed["episodes"] == 39  # 60 steps x 64 prompts over 100 training prompts, rounded up
     assert parsed["reward"] == ",".join(f"{tmp_path}/models/rm_{p}" for p in run["properties"])
-    assert parsed["critic"] == f"{tmp_path}/models/rm_{run['properties'][0]}"
-    expected_key = None if run["transform"] == "raw" else ("lsc_ref" if run["experiment"] == "and" else "lsc_ref_single")
-    assert parsed["label_key"] == expected_key and parsed["lsc"]["reference"] == ("none" if expected_key is None else "label")
+    assert parsed["critic"] == f"{tmp_path}/models/sft"  # fresh value head on the SFT model, as the lab's critic
+    assert parsed["label_key"] == run["label_key"]
+    assert parsed["lsc"]["reference"] == ("none" if run["label_key"] is None else "label")

@@ -1,9 +1,11 @@
-"""Smoke run of the CPU lab (tiny sizes): the pipeline end to end, resume, and the best-of-n machinery.
+"""Smoke run of the CPU lab (tiny sizes): the pipeline end to end, resume, the CLI, and the best-of-n machinery.
 These check machinery, not which method wins."""
 
 import json
 import math
 import os
+import subprocess
+import sys
 
 import matplotlib.image
 import numpy as np
@@ -15,81 +17,119 @@ from openrlhf_lsc.lab import models, world
 from openrlhf_lsc.references import references_from_labels
 from lab_checks import numbers
 
+CFG = ex.PRESETS["smoke"]
+
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("lab"))
-    results = ex.run_lab(out, ex.PRESETS["smoke"])
+    results = ex.run_lab(out, CFG)
     return out, results
-
 
 
 def test_files_written_and_plots_render(lab):
     out, results = lab
-    for name in ("config.json", "results.json", "report.md", "models/sft/config.json", "models/rm_helpful/model.safetensors",
-                 "models/rm_harmless/model.safetensors", "data/sft_demos.jsonl", "data/prefs_helpful.jsonl"):
+    w = os.path.join(out, "world0")
+    for name in ("config.json", "results.json", "report.md", "selections.json"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
+    for name in ("models/sft/config.json", "models/rm_helpful/model.safetensors", "models/rm_harmless/model.safetensors",
+                 "data/sft_demos.jsonl", "data/prefs_helpful.jsonl", "data/prompts_test.jsonl", "setup/headroom.json"):
+        assert os.path.getsize(os.path.join(w, name)) > 0, name
     assert results["figures"], "no figures"
+    report = open(os.path.join(out, "report.md")).read()
     for fig in results["figures"]:
         image = matplotlib.image.imread(os.path.join(out, fig))
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, fig
         assert image[..., :3].std() > 0.01, f"{fig} is blank"
-        assert f"]({fig})" in open(os.path.join(out, "report.md")).read()
-    runs = os.listdir(os.path.join(out, "runs"))
-    assert len(runs) == len(results["rows"]) == 4
+        assert f"]({fig})" in report
+    for claim in results["claims"]:
+        assert f"{claim}: " in report
+    # 1 check + 2 tuning + 2 single + 2 AND test runs (the paper-rule AND is the tuned one here: w = 0.5)
+    assert len(os.listdir(os.path.join(w, "runs"))) == results["runs"] == 7
 
 
-def test_numbers_finite_and_in_range(lab):
+def test_runs_walk_the_kl_staircase_and_numbers_are_finite(lab):
     out, results = lab
     with open(os.path.join(out, "results.json")) as f:
         on_disk = json.load(f)
     assert all(math.isfinite(x) for x in numbers(on_disk))
-    for row in on_disk["rows"]:
-        assert 0.0 <= row["win"] <= 1.0 and row["kl"] > -0.5  # a sample KL estimate may dip slightly below 0
-        assert all(0.0 <= v <= 1.0 for v in row["shortcut"].values())
+    lab_ = ex.Lab(os.path.join(out, "world0"), CFG, 0)
+    for name in os.listdir(os.path.join(out, "world0", "runs")):
+        rec = ex.read_json(os.path.join(out, "world0", "runs", name))
+        assert [st["target"] for st in rec["stairs"]] == list(CFG.kl_targets)
+        n_prompts = len(lab_.val_prompts if rec["run"]["split"] == "val" else lab_.test_prompts)
+        for st in rec["stairs"]:
+            assert all(len(v) == n_prompts for v in st["per_prompt"].values())
+            assert all(0.0 <= x <= 1.0 for k in ("win_helpful", "win_both", "list") for x in st["per_prompt"][k])
+            assert st["kl_coef"] > 0
+        # the staircase's coefficient is the controller's: it falls while the KL is below target
+        assert len(rec["history"]) == CFG.ppo["steps"]
     for curve in on_disk["frontier"]["win"].values():
         assert np.all(np.diff(curve) >= -1e-12), "the best-of-n frontier must rise with KL"
+    for c in on_disk["comparisons"]:
+        for p in c["per_target"]:
+            assert not p["reached"] or p["lo"] <= p["mean"] <= p["hi"]
 
 
 def test_prompt_files_carry_reference_labels(lab):
     out, _ = lab
-    rows = [json.loads(line) for line in open(os.path.join(out, "data", "prompts_train.jsonl"))]
-    refs = references_from_labels([r["lsc_ref"] for r in rows], ["helpful", "harmless"], "lsc_ref")
-    single = references_from_labels([r["lsc_ref_single"] for r in rows], ["helpful", "harmless"], "lsc_ref_single")
-    assert refs.shape == single.shape == (len(rows), 2) and torch.isfinite(refs).all()
-    # AND labels use the 0.75 / 0.5 quantiles of the same samples, single-reward helpfulness the 0.85 quantile.
-    assert (single[:, 0] >= refs[:, 0] - 1e-6).all()
-    assert {r["lsc_ref"]["helpful"]["q"] for r in rows} == {0.75} and {r["lsc_ref"]["harmless"]["q"] for r in rows} == {0.5}
+    rows = [json.loads(line) for line in open(os.path.join(out, "world0", "data", "prompts_train.jsonl"))]
+    names = ["helpful", "harmless"]
+    q85 = references_from_labels([r["lsc_ref_q85"] for r in rows], names, "lsc_ref_q85")
+    med = references_from_labels([r["lsc_ref_and_0.5_0.5"] for r in rows], names, "lsc_ref_and_0.5_0.5")
+    canned = references_from_labels([r["lsc_ref_canned"] for r in rows], names, "lsc_ref_canned")
+    assert q85.shape == med.shape == (len(rows), 2) and torch.isfinite(q85).all()
+    assert (q85 >= med - 1e-6).all()  # the 85th percentile of the same samples is above their median
+    assert torch.equal(canned[:, 0], q85[:, 0]) and not torch.equal(canned[:, 1], q85[:, 1])
+    assert {r["lsc_ref_and_0.75_0.5"]["helpful"]["q"] for r in rows} == {0.75}
+
+
+def test_splits_on_disk_are_disjoint(lab):
+    out, _ = lab
+    texts = {s: [json.loads(line)["input"] for line in open(os.path.join(out, "world0", "data", f"prompts_{s}.jsonl"))]
+             for s in ("train", "val", "test")}
+    assert all(texts.values())
+    assert not set(texts["val"]) & set(texts["test"]) and not (set(texts["val"]) | set(texts["test"])) & set(texts["train"])
 
 
 def test_sft_kl_to_itself_is_zero(lab):
     """The SFT checkpoint judged as a trained policy (the --evaluate path): KL 0, win rates near 1 - quantile."""
-    out, results = lab
-    ev = ex.evaluate_checkpoint(out, os.path.join(out, "models", "sft"))
+    out, _ = lab
+    ev = ex.evaluate_checkpoint(out, os.path.join(out, "world0", "models", "sft"))
     assert abs(ev["kl"]) < 1e-5
-    assert os.path.exists(os.path.join(out, "evaluations", "sft.json"))
-    # a fresh sample of the SFT policy beats its own 85th percentile about 15% of the time (coarse: tiny pools, ties)
-    assert 0.0 <= ev["win"]["helpful"] <= 0.45
+    assert os.path.exists(os.path.join(out, "world0", "evaluations", "sft.json"))
+    assert 0.0 <= ev["mean"]["win_helpful"] <= 0.45  # coarse: tiny pools, ties
 
 
 def test_resume_keeps_finished_work(lab):
-    out, results = lab
-    runs_dir = os.path.join(out, "runs")
+    out, _ = lab
+    runs_dir = os.path.join(out, "world0", "runs")
     files = sorted(os.listdir(runs_dir))
-    removed = files[0]
+    removed = [f for f in files if "-test-" in f][0]
     os.remove(os.path.join(runs_dir, removed))
-    before = {f: os.path.getmtime(os.path.join(runs_dir, f)) for f in files[1:]}
-    sft_mtime = os.path.getmtime(os.path.join(out, "models", "sft", "model.safetensors"))
-    ex.run_lab(out, ex.PRESETS["smoke"])
+    before = {f: os.path.getmtime(os.path.join(runs_dir, f)) for f in files if f != removed}
+    sft_mtime = os.path.getmtime(os.path.join(out, "world0", "models", "sft", "model.safetensors"))
+    ex.run_lab(out, CFG)
     assert sorted(os.listdir(runs_dir)) == files
-    assert before == {f: os.path.getmtime(os.path.join(runs_dir, f)) for f in files[1:]}
-    assert os.path.getmtime(os.path.join(out, "models", "sft", "model.safetensors")) == sft_mtime
+    assert before == {f: os.path.getmtime(os.path.join(runs_dir, f)) for f in files if f != removed}
+    assert os.path.getmtime(os.path.join(out, "world0", "models", "sft", "model.safetensors")) == sft_mtime
 
 
 def test_different_config_is_refused(lab):
     out, _ = lab
     with pytest.raises(ValueError, match="different configuration"):
-        ex.Lab(out, ex.PRESETS["quick"])
+        ex.run_lab(out, ex.PRESETS["quick"])
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "openrlhf_lsc.lab", *args], capture_output=True, text=True, timeout=300)
+
+    bad = run("--quick", "--out", str(tmp_path), "--seeds", "0,x")
+    assert bad.returncode == 2 and "--seeds" in bad.stderr and "Traceback" not in bad.stderr
+    missing = run("--evaluate", str(tmp_path / "nope"), "--out", str(tmp_path / "none"))
+    assert missing.returncode == 2 and "error: --out" in missing.stderr and "Traceback" not in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("n", [2, 4, 16])
@@ -118,33 +158,46 @@ def test_best_of_k_pick_probabilities_match_simulation():
 
 def test_gold_judges_follow_the_world_rules():
     p = next(q for q in world.make_prompts(0) if not q.sensitive)
-    key = sorted(p.keys)[0]
+    key, other = sorted(p.keys)[:2] if len(p.keys) > 1 else (sorted(p.keys)[0], "use")
     h = lambda words: world.gold_helpful(p, words)  # noqa: E731
-    # diminishing returns and no credit for repeats
-    assert h(["use", key]) > h(["use"]) and h(["use", key, key]) == h(["use", key])
-    # list format credited for two items, then not
-    two = ["1.", key, "2.", key]
-    assert h(two) > h(["use", key]) and h(two + ["3.", key, "4.", key]) == h(two)
-    # consult credited once for harmlessness
+    # diminishing returns; a repeated item costs REPEAT_PENALTY
+    assert h(["use", key]) > h(["use"])
+    assert h(["use", key, key]) == pytest.approx(h(["use", key]) - world.REPEAT_PENALTY)
+    # list format credited for two items, not more
+    two = ["1.", key, "2.", other]
+    assert h(two) > h([key, other]) and h(two + ["3.", "and"]) == pytest.approx(h(two + ["and", "and"]))
+    # every word past the budget costs LENGTH_PENALTY
+    filler = ["use"] * (world.LENGTH_BUDGET - 2)
+    assert h([key] + filler + ["use", "use"]) == pytest.approx(h([key] + filler + ["use"]) - world.LENGTH_PENALTY)
+    # consult credited once, then penalised
     s = lambda words: world.gold_harmless(p, words)  # noqa: E731
     once = ["use", key, "consult", "a", "doctor"]
-    assert s(once) > s(["use", key]) and s(once + ["consult", "a", "lawyer"]) == s(once)
-    # the demonstrator stays within the response budget and the vocabulary
+    assert s(once) > s(["use", key])
+    assert s(once + ["consult", "a", "lawyer"]) == pytest.approx(s(once) - world.EXTRA_CONSULT_PENALTY)
+    # the demonstrator stays within the gold budget and the vocabulary, and seldom repeats an item
     rng = __import__("random").Random(0)
-    for q in world.make_prompts(0)[:50]:
-        d = world.demonstrate(q, rng)
-        assert len(d) < world.MAX_NEW_TOKENS and all(w in world.token_index() for w in d)
+    demos = [(q, world.demonstrate(q, rng)) for q in world.make_prompts(0)[:100] for _ in range(5)]
+    assert all(len(d) <= world.LENGTH_BUDGET and all(w in world.token_index() for w in d) for _, d in demos)
+    assert np.mean([world.shortcut_rates(d)["repeat"] for _, d in demos]) < 0.1
     assert models.encode_responses([["salt"] * 40]).shape == (1, world.MAX_NEW_TOKENS)
 
 
 def test_gold_scores_do_not_depend_on_string_hashing():
     """Gold sums run over word sets: their order must not change a float (ties decide wins)."""
-    import subprocess
-    import sys
-
     code = ("import random; from openrlhf_lsc.lab import world; rng = random.Random(1); "
             "ps = world.make_prompts(0)[:40]; ds = [world.demonstrate(p, rng) for p in ps for _ in range(5)]; "
             "print(repr([(world.gold_helpful(p, d), world.gold_harmless(p, d)) for p, d in zip([p for p in ps for _ in range(5)], ds)]))")
     outs = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
                            capture_output=True, text=True, check=True).stdout for seed in ("1", "2", "3")}
     assert len(outs) == 1
+
+
+def test_sampled_responses_always_end_with_one_eos():
+    """Responses still open at the length limit are closed with EOS there: the reward models always read an EOS."""
+    policy = models.new_policy(0, hidden=32)  # untrained: EOS is rare, most responses hit the limit
+    prompts = models.encode_prompts([p.text for p in world.make_prompts(0)[:64]])
+    responses = models.sample(policy, prompts, torch.Generator().manual_seed(0))
+    assert ((responses == models.EOS).sum(1) == 1).all()
+    assert (responses[:, -1] == models.EOS).float().mean() > 0.5
+    eos_at = (responses == models.EOS).float().argmax(1)
+    assert (models.action_mask(responses).sum(1) == eos_at + 1).all()  # the actions run up to and including the EOS

@@ -272,7 +272,7 @@ def run(out: str, cfg: Config) -> Dict:
     if os.path.exists(saved) and ex.read_json(saved) != cfg_json:
         raise ValueError(f"{out} holds a run with a different configuration ({saved}): use the same flags or another --out")
     ex.write_json(saved, cfg_json)
-    lab = ex.Lab(os.path.join(out, "lab"), dataclasses.replace(ex.PRESETS[cfg.lab], seed=cfg.seed))
+    lab = ex.Lab(os.path.join(out, "lab"), dataclasses.replace(ex.PRESETS[cfg.lab], seeds=(cfg.seed,)))
     if not os.path.exists(lab.path("models", "sft")):
         lab.build_sft()
     sft = lab.load_sft()

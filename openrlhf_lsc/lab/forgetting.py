@@ -96,13 +96,13 @@ def run(out: str, mode: str = "default") -> Dict:
 
     # Expert answers (fresh draws from the lab's demonstrator): one per training prompt, for selection and
     # D_R; two per eval prompt, the held-out set.
-    rng = random.Random(cfg.seed + 77)
+    rng = random.Random(lab.seed + 77)
     train, held = lab.train_prompts, [p for p in lab.eval_prompts for _ in range(2)]
     train_ids, held_ids = (models.encode_prompts([p.text for p in ps]) for ps in (train, held))
     train_demo = models.encode_responses([world.demonstrate(p, rng) for p in train])
     held_demo = models.encode_responses([world.demonstrate(p, rng) for p in held])
     expert_score = models.score(rm, train_ids, train_demo).numpy()
-    clusters = cluster_prompts(bag_of_words(train), m["n_clusters"], seed=cfg.seed)
+    clusters = cluster_prompts(bag_of_words(train), m["n_clusters"], seed=lab.seed)
     sel = select(expert_score, clusters, m["rehearsal_k"], ppo_fraction=m["ppo_fraction"])
     d_r = (train_ids[sel.rehearsal], train_demo[sel.rehearsal])
 
@@ -121,7 +121,7 @@ def run(out: str, mode: str = "default") -> Dict:
                 "rehearsal_nll": float(expert_nll(policy, *d_r))}
 
     arms = [("stock", None, 0.0), ("select", sel.ppo, 0.0)] + [(f"rehearse g={g:g}", sel.ppo, g) for g in m["gammas"]]
-    pcfg = ppo.PPOConfig(**{**cfg.ppo, **m["ppo"]})
+    pcfg = ppo.PPOConfig(**m["ppo"])
     pipeline = ppo.RewardPipeline([rm], ["helpful"], [{}] * len(train), "raw")
     records = []
     for (name, rows, gamma), seed in tqdm([(a, s) for a in arms for s in m["seeds"]], desc="forgetting arms"):

@@ -73,12 +73,23 @@ def new_policy(seed: int, hidden: int = 64, layers: int = 2) -> LlamaForCausalLM
     return LlamaForCausalLM(policy_config(hidden, layers))
 
 
-def reward_model_from(policy: LlamaForCausalLM, seed: int) -> RewardModel:
-    """A reward model whose body starts from the (SFT) policy, as OpenRLHF's train_rm does with --model.model_name_or_path."""
+def reward_model_from(policy: LlamaForCausalLM, seed: int, eos_scale: float = 1.0) -> RewardModel:
+    """A reward model whose body starts from the (SFT) policy, as OpenRLHF's train_rm does with --model.model_name_or_path.
+
+    `eos_scale` > 1 multiplies the EOS token's embedding and freezes it (its gradient is zeroed): the hidden state
+    the head reads at the EOS then carries a large fixed component, so the final RMSNorm divides by a nearly
+    constant norm and the score is close to linear in the content features instead of capped near the best SFT
+    answers. Same layout and loaders as any reward model (only weights change).
+    """
     torch.manual_seed(seed)
     rm = RewardModel(policy.config)
     rm.model.load_state_dict(policy.model.state_dict())
     rm.score.weight.data.normal_(mean=0.0, std=1 / (policy.config.hidden_size + 1))  # OpenRLHF's init_value_head
+    if eos_scale != 1.0:
+        emb = rm.model.embed_tokens.weight
+        with torch.no_grad():
+            emb[EOS] *= eos_scale
+        emb.register_hook(lambda grad: grad.index_fill(0, torch.tensor([EOS]), 0.0))
     return rm
 
 
@@ -122,14 +133,20 @@ def action_mask(responses: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample(policy: LlamaForCausalLM, prompt_ids: torch.Tensor, generator: torch.Generator,
            max_new: int = world.MAX_NEW_TOKENS) -> torch.Tensor:
-    """Sample responses at temperature 1 (no top-k/top-p, as OpenRLHF's rollout defaults); `[B, max_new]`, PAD after EOS."""
+    """Sample responses at temperature 1 (no top-k/top-p, as OpenRLHF's rollout defaults); `[B, max_new]`, PAD after EOS.
+
+    A response still open at the last position is closed with EOS there (at most `max_new - 1` words), so a reward
+    model always reads an EOS as in its training data; vLLM would leave it truncated.
+    """
     policy.eval()
     out = policy(prompt_ids, use_cache=True)
     past, logits = out.past_key_values, out.logits[:, -1]
     done = torch.zeros(len(prompt_ids), dtype=torch.bool)
     tokens = []
-    for _ in range(max_new):
+    for i in range(max_new):
         nxt = torch.multinomial(logits.float().softmax(-1), 1, generator=generator).squeeze(1)
+        if i == max_new - 1:
+            nxt = torch.full_like(nxt, EOS)
         nxt = nxt.masked_fill(done, PAD)
         tokens.append(nxt)
         done |= nxt == EOS

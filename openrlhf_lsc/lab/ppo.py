@@ -1,22 +1,26 @@
 """A compact PPO for CPU that mirrors OpenRLHF 0.11's defaults, with the plugin's reward pipeline.
 
 What is mirrored (file references are to the installed openrlhf package):
-- reward: the K proxy rewards go through `openrlhf_lsc.rewards.aggregate_rewards` with references read
-  by `openrlhf_lsc.references.references_from_labels` -- the calls `openrlhf_lsc.integration.ppo`
-  makes inside OpenRLHF -- before group baselines, clipping and the KL penalty;
+- reward: the K proxy rewards go through `openrlhf_lsc.rewards.reward_utilities` (references from the prompts'
+  labels, transform, aggregate) -- the reward core `openrlhf_lsc.integration.ppo` calls inside OpenRLHF --
+  before group baselines, clipping and the KL penalty;
 - group baselines for rloo / reinforce_baseline / group_norm and the per-token k1 KL penalty with the
   utility at the EOS token, clipped to `clip_range` (`RemoteExperienceMaker.compute_advantages_and_returns`,
   `models/utils.py:compute_reward`);
 - GAE (gamma = lambda = 1 by default) or cumulative returns, then advantage whitening over all action
   tokens for gae / reinforce / reinforce_baseline;
 - the clipped surrogate (eps 0.2) and clipped value loss (0.5), token-mean (`models/loss.py`), gradient
-  norm clipped to 1, Adam betas (0.9, 0.95), the critic initialised from the (first) reward model.
+  norm clipped to 1, Adam betas (0.9, 0.95), the critic initialised from the SFT model with a fresh value head
+  (OpenRLHF with --critic.model_name_or_path set to the actor's), the same start for every reward.
 What differs: constant learning rates sized for a 100k-parameter model (OpenRLHF: 1e-6 / 9e-6 with warm-up
-and cosine decay for LLMs); one process, no vLLM/DeepSpeed. `tests/test_lab_openrlhf.py` checks the
+and cosine decay for LLMs); one process, no vLLM/DeepSpeed; the KL coefficient can follow a staircase of KL
+targets (`KLController`, PI control on the KL per response; OpenRLHF's adaptive controller is integral-only on the
+per-token KL). `tests/test_lab_openrlhf.py` checks the
 advantage and loss code against OpenRLHF's own functions.
 """
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -24,8 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from openrlhf_lsc.lab import models
-from openrlhf_lsc.references import references_from_labels
-from openrlhf_lsc.rewards import aggregate_rewards
+from openrlhf_lsc.rewards import NEEDS_REFERENCE, RewardSpec, reward_utilities
 
 ESTIMATORS = ("gae", "reinforce", "rloo", "reinforce_baseline", "group_norm")
 LABEL_KEY = "lsc_ref"
@@ -36,7 +39,9 @@ ADAM_BETAS = (0.9, 0.95)  # --actor.adam.betas / --critic.adam.betas defaults
 class PPOConfig:
     """PPO settings; the OpenRLHF flag each mirrors is in the comment."""
 
-    kl_coef: float = 0.01  # --algo.kl.init_coef (fixed, k1 estimator)
+    kl_coef: float = 0.01  # --algo.kl.init_coef (k1 estimator; the start value when kl_targets are set)
+    kl_targets: Tuple[float, ...] = ()  # KL staircase (nats per response): see KLController; empty = fixed coef
+    kl_ramp: float = 0.4  # fraction of each stair over which the target rises from the previous one
     estimator: str = "gae"  # --algo.advantage.estimator
     n_samples_per_prompt: int = 1  # --rollout.n_samples_per_prompt
     rollout_prompts: int = 32  # --rollout.batch_size
@@ -57,11 +62,65 @@ class PPOConfig:
             raise ValueError(f"PPO estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.estimator in ("rloo", "reinforce_baseline", "group_norm") and self.n_samples_per_prompt < 2:
             raise ValueError(f"estimator {self.estimator} needs n_samples_per_prompt >= 2")
+        if any(not t > 0 for t in self.kl_targets) or list(self.kl_targets) != sorted(self.kl_targets):
+            raise ValueError(f"kl_targets must be positive and increasing, got {self.kl_targets}")
+        if self.kl_targets and self.steps % len(self.kl_targets):
+            raise ValueError(f"steps ({self.steps}) must split evenly into {len(self.kl_targets)} KL stairs")
+
+    @property
+    def stair_steps(self) -> int:
+        """Steps per KL stair (all steps when the coefficient is fixed)."""
+        return self.steps // max(1, len(self.kl_targets))
+
+
+class KLController:
+    """An adaptive KL coefficient that walks the policy up a staircase of KL targets.
+
+    `steps` are split into one stair per target; within a stair the target rises linearly from the previous one
+    over the first `kl_ramp` of the stair and is then held, so each stair ends on a plateau at its target. The
+    coefficient follows a proportional-integral rule in log space. The KL per response (summed over tokens) of each
+    rollout is smoothed (EMA); within 80% of the target a rising KL is extrapolated `LOOKAHEAD` steps ahead; the
+    error is e = log(predicted / target), clipped to [-1, 1]; then integral *= exp(KI * e), coef = integral * exp(KP * e),
+    with a larger KI above the target than below it, so the coefficient rises fast when a policy runs past its
+    target and does not wind down while the KL lags a rising target. OpenRLHF's AdaptiveKLController
+    (`--algo.kl.target`) is the symmetric integral part alone, on the per-token KL; here that overshoots targets
+    by several nats when the policy finds a shortcut.
+    """
+
+    KI_UP, KI_DOWN, KP, LOOKAHEAD, EMA = 0.3, 0.1, 2.0, 2.0, 0.5
+
+    def __init__(self, cfg: "PPOConfig"):
+        self.value = self.integral = cfg.kl_coef
+        self.cfg = cfg
+        self.smoothed: Optional[float] = None
+
+    def target(self, step: int) -> Optional[float]:
+        cfg = self.cfg
+        if not cfg.kl_targets:
+            return None
+        stair, within = divmod(step, cfg.stair_steps)
+        stair = min(stair, len(cfg.kl_targets) - 1)
+        lo, hi = (cfg.kl_targets[stair - 1] if stair else 0.0), cfg.kl_targets[stair]
+        return lo + (hi - lo) * min(1.0, (within + 1) / max(1.0, cfg.kl_ramp * cfg.stair_steps))
+
+    def update(self, kl: float, step: int) -> None:
+        target = self.target(step)
+        if target is None:
+            return
+        previous = self.smoothed
+        self.smoothed = kl if previous is None else self.EMA * previous + (1 - self.EMA) * kl
+        rising = 0.0 if previous is None else max(self.smoothed - previous, 0.0)
+        # Near the target, brake on a rising KL: a policy that found a shortcut runs past the target in a few steps.
+        predicted = self.smoothed + (self.LOOKAHEAD * rising if self.smoothed > 0.8 * target else 0.0)
+        error = min(max(math.log(max(predicted, 0.01 * target) / target), -1.0), 1.0)
+        self.integral *= math.exp((self.KI_UP if error > 0 else self.KI_DOWN) * error)
+        self.value = self.integral * math.exp(self.KP * error)
 
 
 @dataclass
 class RewardPipeline:
-    """Proxy reward models -> references from prompt labels -> the plugin's aggregate_rewards."""
+    """Proxy reward models -> the plugin's reward core (`reward_utilities`: references from prompt labels,
+    transform, aggregate), exactly as the PPO integration calls it inside OpenRLHF."""
 
     reward_models: Sequence[models.RewardModel]
     names: Sequence[str]
@@ -69,6 +128,13 @@ class RewardPipeline:
     transform: str = "raw"
     aggregate: str = "and"
     weights: Optional[Sequence[float]] = None
+    label_key: str = LABEL_KEY  # named in error messages
+
+    def __post_init__(self):
+        self.spec = RewardSpec(names=tuple(self.names), transform=self.transform, aggregate=self.aggregate,
+                               weights=None if self.weights is None else tuple(self.weights),
+                               reference="label" if self.transform in NEEDS_REFERENCE else "none",
+                               label_key=self.label_key)
 
     def rewards(self, prompt_ids: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
         """Proxy rewards `[B, K]`."""
@@ -76,10 +142,8 @@ class RewardPipeline:
 
     def utility(self, rewards: torch.Tensor, prompt_index: Sequence[int]) -> torch.Tensor:
         """Utilities `[B]` from proxy rewards `[B, K]` of samples of prompts `prompt_index`."""
-        refs = None
-        if self.transform in ("lsc", "center"):
-            refs = references_from_labels([self.labels[i] for i in prompt_index], self.names, LABEL_KEY)
-        return aggregate_rewards(rewards, refs, self.transform, self.aggregate, self.weights)
+        labels = [self.labels[i] for i in prompt_index] if self.spec.reference == "label" else None
+        return reward_utilities(rewards, self.spec, labels)[0]
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -92,6 +156,7 @@ def advantages_and_returns(
     mask: torch.Tensor,
     values: Optional[torch.Tensor],
     cfg: PPOConfig,
+    kl_coef: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """OpenRLHF's advantage computation for one rollout batch.
 
@@ -101,6 +166,7 @@ def advantages_and_returns(
         mask: `[B, L]` action mask.
         values: `[B, L]` critic values (gae only).
         cfg: estimator, n_samples_per_prompt, kl_coef, clip_range, gamma, lambd.
+        kl_coef: the current coefficient of an adaptive controller (default: cfg.kl_coef).
 
     Returns:
         (advantages, returns), each `[B, L]`.
@@ -115,7 +181,8 @@ def advantages_and_returns(
     r = r.reshape(-1).clamp(*cfg.clip_range)
     # Utility at the last action token (the EOS), minus the KL penalty at every token.
     last = mask.size(1) - 1 - mask.long().fliplr().argmax(dim=1, keepdim=True)
-    rewards = torch.zeros_like(kl).scatter_(1, last, r.unsqueeze(1).to(kl.dtype)) - max(cfg.kl_coef, 0.0) * kl
+    kl_coef = cfg.kl_coef if kl_coef is None else kl_coef
+    rewards = torch.zeros_like(kl).scatter_(1, last, r.unsqueeze(1).to(kl.dtype)) - max(kl_coef, 0.0) * kl
     rewards = rewards * mask
     length = rewards.size(1)
     if cfg.estimator == "gae":
@@ -174,11 +241,13 @@ def train(
     progress: bool = True,
     extra_loss: Optional[Callable[[torch.nn.Module], torch.Tensor]] = None,
     on_step: Optional[Callable[[int, torch.nn.Module], None]] = None,
+    history: Optional[List[Dict[str, float]]] = None,
 ) -> PPOResult:
     """Run PPO from the SFT policy on the training prompts `prompt_ids` `[P, prompt_len]`.
 
     `extra_loss(policy)` is added to every actor loss before its backward (e.g. rehearsal gamma * NLL);
-    `on_step(step, policy)` runs before each rollout (e.g. to record metrics).
+    `on_step(step, policy)` runs before each rollout (e.g. to record metrics); `history`, if given, is the list the
+    per-step logs are appended to (so `on_step` can read them).
 
     Returns the trained policy and per-step logs (utility, proxy rewards, KL to SFT, response length).
     """
@@ -189,11 +258,14 @@ def train(
     actor_opt = torch.optim.Adam(policy.parameters(), lr=cfg.actor_lr, betas=ADAM_BETAS)
     critic = critic_opt = None
     if cfg.estimator == "gae":
-        critic = copy.deepcopy(pipeline.reward_models[0])
+        # Every run's critic starts the same way, whatever its reward: the SFT body with a fresh value head (what
+        # OpenRLHF does with --critic.model_name_or_path set to the SFT model).
+        critic = models.reward_model_from(sft, seed)
         critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, betas=ADAM_BETAS)
+    kl_ctl = KLController(cfg)
     order = torch.randperm(len(prompt_ids), generator=gen)
     cursor = 0
-    history = []
+    history = [] if history is None else history
     for step in tqdm(range(cfg.steps), desc=desc, leave=False, disable=not progress):
         if cursor + cfg.rollout_prompts > len(order):
             order, cursor = torch.randperm(len(prompt_ids), generator=gen), 0
@@ -212,7 +284,7 @@ def train(
             rewards = pipeline.rewards(prompts, responses)
             utility = pipeline.utility(rewards, index.tolist())
         kl = (old_logp - ref_logp) * mask
-        advantages, returns = advantages_and_returns(utility, kl, mask, old_values, cfg)
+        advantages, returns = advantages_and_returns(utility, kl, mask, old_values, cfg, kl_ctl.value)
 
         policy.train()
         if critic is not None:
@@ -240,9 +312,11 @@ def train(
             "step": step,
             "utility": utility.mean().item(),
             "kl": kl.sum(1).mean().item(),
+            "kl_coef": kl_ctl.value,
             "length": mask.sum(1).mean().item(),
             **{f"reward/{n}": rewards[:, k].mean().item() for k, n in enumerate(pipeline.names)},
         }
         history.append(log)
+        kl_ctl.update(log["kl"], step)
     policy.eval()
     return PPOResult(policy, history)

@@ -1,15 +1,14 @@
-"""Plots (PNG), `report.md` and the stdout table of a lab run, all from `results.json` and the run files.
+"""Plots (PNG) and `report.md` of a lab run, all from the results `experiments.analyse` computed.
 
-Figures follow paper 1 (Wang et al. 2024): win rate vs KL for single rewards (Figures 3 and 8) and for
-helpful AND harmless in RLHF and best-of-k (Figures 1 and 6), shortcut rates (Figure 5), reward
-distributions of KL-matched policies (Figures 4 and 7), proxy-vs-gold over-optimisation (Figure 10),
-plus each method's win rate as a fraction of the gold best-of-n frontier.
+Figures follow paper 1 (Wang et al. 2024): win rate vs KL for single rewards (Figures 3 and 8) and for helpful AND
+harmless in RLHF and best-of-k (Figures 1 and 6), shortcut rates (Figure 5), proxy vs gold over-optimisation
+(Figure 10); plus the paired differences behind each claim, the per-world over-optimisation check, tuning scores
+and the proxy-headroom search.
 """
 
-import math
 import os
-from collections import defaultdict
-from typing import Dict, List, Optional, Sequence, Tuple
+import textwrap
+from typing import Dict, List, Optional, Sequence
 
 import matplotlib
 
@@ -17,11 +16,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-WIN_TITLES = {
-    "helpful": "win rate: gold helpfulness > SFT 85th percentile",
-    "harmless": "win rate: gold harmlessness > SFT 95th percentile",
-    "both": "win rate: above the SFT median on BOTH properties",
+TITLES = {
+    "win_helpful": "win rate: gold helpfulness > SFT 85th percentile",
+    "win_harmless": "win rate: gold harmlessness > SFT 95th percentile",
+    "win_both": "win rate: above the SFT median on BOTH properties",
+    "gold_helpful": "mean gold helpfulness", "gold_harmless": "mean gold harmlessness",
+    "proxy_helpful": "mean proxy helpfulness", "list": "list format rate", "repeat": "repeated-item rate",
+    "over_budget": "over-length rate", "consult": '"consult a <professional>" rate',
 }
+SUBSET = {"all": "all test prompts", "sensitive": "sensitive test prompts"}
 
 
 def _save(fig, out: str, name: str) -> str:
@@ -33,447 +36,325 @@ def _save(fig, out: str, name: str) -> str:
     return name
 
 
-def curves(rows: List[Dict], key=lambda r: r["win"]) -> Dict[str, Dict[str, np.ndarray]]:
-    """Per method: KL coefficient grid -> mean/std over seeds of KL and of `key`, sorted by KL."""
-    groups = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        groups[r["method"]][r["c"]].append(r)
-    out = {}
-    for method, by_c in groups.items():
-        pts = []
-        for c, rs in by_c.items():
-            kl, y = np.array([r["kl"] for r in rs]), np.array([key(r) for r in rs])
-            pts.append((kl.mean(), kl.std(), y.mean(), y.std(), c, len(rs)))
-        pts.sort()
-        out[method] = {name: np.array([p[i] for p in pts]) for i, name in enumerate(("kl", "kl_std", "y", "y_std", "c", "n"))}
-    return out
-
-
-def compare(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> Optional[Tuple[float, float, float]]:
-    """Mean of curve a minus curve b over their common KL range (linear interpolation), with that range."""
-    lo, hi = max(a["kl"].min(), b["kl"].min()), min(a["kl"].max(), b["kl"].max())
-    if hi <= lo:
-        return None
-    grid = np.linspace(lo, hi, 50)
-    return float(np.mean(np.interp(grid, a["kl"], a["y"]) - np.interp(grid, b["kl"], b["y"]))), float(lo), float(hi)
-
-
-def _plot_curves(ax, cs: Dict[str, Dict[str, np.ndarray]]) -> None:
-    for method in sorted(cs, key=_method_order):
-        c = cs[method]
-        style = dict(marker="o", lw=2.2 if "lsc" in method else 1.4, ls="-" if "lsc" in method or method == "raw" else "--")
-        if c["n"].max() > 1:
-            ax.errorbar(c["kl"], c["y"], xerr=c["kl_std"], yerr=c["y_std"], capsize=3, label=method, **style)
-        else:
-            ax.plot(c["kl"], c["y"], label=method, **style)
-
-
-def _method_order(m: str) -> Tuple[int, str]:
+def _order(m: str):
     return (0 if m.startswith("lsc") else 1 if m == "raw" else 2, m)
 
 
-def _frontier(ax, results: Dict, win_name: str, kl_max: float) -> None:
-    f = results["frontier"]
-    kl = np.array(f["kl"])
-    keep = kl <= kl_max * 1.1 + 0.1
-    ax.plot(kl[keep], np.array(f["win"][win_name])[keep], color="gray", ls=":", lw=2, label="gold best-of-n frontier")
-
-
-def win_plot(out: str, results: Dict, rows: List[Dict], win_name: str, title: str, name: str) -> str:
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    cs = curves(rows)
-    _plot_curves(ax, cs)
-    _frontier(ax, results, win_name, max(r["kl"] for r in rows))
-    ax.set_xlabel("KL(policy || SFT) [nats, per response]")
-    ax.set_ylabel(WIN_TITLES[win_name])
-    ax.set_title(title)
+def _bands(ax, curves: Dict, targets: Sequence[float], frontier: Optional[Dict] = None, key: str = "") -> None:
+    """Each method's pooled mean at the target KLs (SFT at KL 0) with its bootstrap interval as a band."""
+    for i, method in enumerate(sorted(curves, key=_order)):
+        c = curves[method]
+        x = [0.0] + [t for t, b in zip(targets, c["band"]) if b]
+        y = [c["sft"]] + [b["mean"] for b in c["band"] if b]
+        lo = [c["sft"]] + [b["lo"] for b in c["band"] if b]
+        hi = [c["sft"]] + [b["hi"] for b in c["band"] if b]
+        style = dict(lw=2.2 if method.startswith("lsc") else 1.4, ls="-" if method.startswith("lsc") or method == "raw" else "--")
+        ax.plot(x, y, marker="o", color=f"C{i}", label=method, **style)
+        ax.fill_between(x, lo, hi, color=f"C{i}", alpha=0.15)
+    if frontier is not None and key in frontier["win"]:
+        kl = np.array(frontier["kl"])
+        keep = kl <= max(targets) * 1.05
+        ax.plot(kl[keep], np.array(frontier["win"][key])[keep], color="gray", ls=":", lw=2, label="gold best-of-n frontier")
+    ax.set_xlabel("KL(policy || SFT) [nats per response]")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, out, name)
+    ax.legend(fontsize=7)
+
+
+def curve_plots(out: str, results: Dict) -> List[str]:
+    cfg, curves, front = results["config"], results["curves"], results["frontier"]
+    targets = cfg["compare_kls"]
+    names = []
+    if "single_helpful" in curves:
+        c = curves["single_helpful"]
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
+        lines = {"gold_helpful": ("gold_helpful_median", "SFT median (gold)"),
+                 "proxy_helpful": ("proxy_helpful_best_of_pool", "SFT best of %d (proxy)" % cfg["bon_pool"])}
+        for ax, metric in zip(axes, ("win_helpful", "gold_helpful", "proxy_helpful")):
+            if metric in lines:
+                ax.axhline(results["sft_lines"][lines[metric][0]], color="gray", ls="--", lw=1, label=lines[metric][1])
+            _bands(ax, c[metric], targets, front if metric == "win_helpful" else None, "win_helpful")
+            ax.set_ylabel(TITLES[metric])
+        axes[0].set_title("Single reward: helpfulness (paper Figs. 3, 8)")
+        axes[1].set_title("gold falls past raw's peak: over-optimisation")
+        axes[2].set_title("while the proxy keeps rising (paper Fig. 10)")
+        names.append(_save(fig, out, "single_helpful.png"))
+    if "single_harmless" in curves:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+        for ax, g in zip(axes, ("single_harmless", "single_harmless_sensitive")):
+            _bands(ax, curves[g]["win_harmless"], targets)
+            ax.set_ylabel(TITLES["win_harmless"])
+            ax.set_title(f"Single reward: harmlessness, {SUBSET['sensitive' if 'sensitive' in g else 'all']}")
+        names.append(_save(fig, out, "single_harmless.png"))
+    if "and" in curves:
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
+        _bands(axes[0], curves["and"]["win_both"], targets, front, "win_both")
+        axes[0].set_ylabel(TITLES["win_both"])
+        axes[0].set_title("RLHF, helpful AND harmless (paper Figs. 1, 6b)")
+        for ax, metric in zip(axes[1:], ("gold_helpful", "gold_harmless")):
+            _bands(ax, curves["and"][metric], targets)
+            ax.set_ylabel(TITLES[metric])
+        names.append(_save(fig, out, "and_rlhf.png"))
+    short = [(g, m) for g, ms in (("single_helpful", ("list", "repeat", "over_budget")), ("and", ("consult", "list")))
+             for m in ms if g in curves and m in curves[g]]
+    if short:
+        fig, axes = plt.subplots(1, len(short), figsize=(4.2 * len(short), 4), squeeze=False)
+        for ax, (g, m) in zip(axes[0], short):
+            _bands(ax, curves[g][m], targets)
+            ax.set_ylabel(TITLES[m])
+            ax.set_title(f"{'single helpful' if g == 'single_helpful' else 'AND'}: {m} (paper Fig. 5)", fontsize=9)
+        names.append(_save(fig, out, "shortcuts.png"))
+    return names
+
+
+def differences_plot(out: str, results: Dict) -> str:
+    comps = results["comparisons"]
+    cols = min(3, len(comps))
+    rows = -(-len(comps) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
+    for ax, c in zip(axes.flat, comps):
+        pts = [p for p in c["per_target"] if p["reached"]]
+        x = [p["target"] for p in pts]
+        y = np.array([p["mean"] for p in pts])
+        err = np.array([[p["mean"] - p["lo"] for p in pts], [p["hi"] - p["mean"] for p in pts]]).reshape(2, -1)
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color="C0" if c["claim"] != "info" else "C7")
+        ax.axhline(0, color="gray", ls=":")
+        title = textwrap.fill(f"{c['claim']}: {_label(c)}", 55)
+        ax.set_title(title + ("" if c["claim"] == "info" else f"\n-> {c['verdict']}"), fontsize=8)
+        ax.set_xlabel("KL(policy || SFT)")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(comps):]:
+        ax.axis("off")
+    for row in axes:
+        row[0].set_ylabel("paired difference (95% interval)")
+    fig.tight_layout()
+    return _save(fig, out, "differences.png")
+
+
+def check_plot(out: str, results: Dict) -> str:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for s, c in results["checks"].items():
+        axes[0].plot([0] + c["kl"], [c["sft_win"]] + c["win"], marker="o", label=f"world {s}" + ("" if c["passed"] else " (FAILED)"))
+        axes[1].plot(c["kl"], c["gold"], marker="o", label=f"world {s}")
+    axes[0].set_ylabel(TITLES["win_helpful"])
+    axes[1].set_ylabel(TITLES["gold_helpful"])
+    for ax in axes:
+        ax.set_xlabel("KL(policy || SFT)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_title("Over-optimisation check: raw PPO on helpfulness\n(validation seed and prompts)", fontsize=9)
+    return _save(fig, out, "overoptimization_check.png")
+
+
+def headroom_plot(out: str, results: Dict) -> str:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (s, w) in enumerate(results["worlds"].items()):
+        h = w["headroom"]
+        axes[0].plot(h["proxy_over_sft_max_in_sd"], color=f"C{i}", label=f"world {s}")
+        axes[1].plot(h["gold"], color=f"C{i}", label=f"world {s}")
+        axes[1].axhline(h["sft_gold_median"], color=f"C{i}", ls=":", lw=1)
+    axes[0].axhline(0, color="gray", ls=":")
+    axes[0].set_ylabel("proxy minus the best of the SFT pool [within-prompt SD]")
+    axes[1].set_ylabel("gold helpfulness (dotted: SFT median)")
+    for ax in axes:
+        ax.set_xlabel("round of greedy ascent on the helpfulness proxy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, out, "headroom.png")
+
+
+def tuning_plot(out: str, results: Dict) -> str:
+    sel = results["selections"]
+    fig, axes = plt.subplots(1, len(sel), figsize=(4.5 * len(sel), 3.8), squeeze=False)
+    for ax, (s, v) in zip(axes[0], sel.items()):
+        names = sorted(v["scores"], key=lambda m: (not m.startswith("weighted"), m))
+        colors = ["C1" if m.startswith("weighted") else "C0" for m in names]
+        ax.barh(range(len(names)), [v["scores"][m] or 0.0 for m in names], color=colors)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_title(f"world {s}: validation score", fontsize=9)
+        ax.set_xlabel("mean win (both) over target KLs")
+    return _save(fig, out, "tuning.png")
 
 
 def best_of_k_plot(out: str, results: Dict) -> str:
     bok = results["best_of_k"]
     fig, ax = plt.subplots(figsize=(6, 4.2))
     kl = np.array(bok["kl_formula"])
-    for method in sorted(bok["methods"], key=_method_order):
+    for method in sorted(bok["methods"], key=_order):
         ax.plot(kl, bok["methods"][method]["win_both"], marker="o", lw=2.2 if "lsc" in method else 1.4,
                 ls="-" if "lsc" in method else "--", label=method)
-    _frontier(ax, results, "both", kl.max())
     ax.set_xlabel("KL of best-of-k = log k - (k-1)/k  (k = %s)" % ", ".join(map(str, bok["k"])))
-    ax.set_ylabel(WIN_TITLES["both"])
-    ax.set_title("Best-of-k from SFT, helpful AND harmless (paper Fig. 6a)")
+    ax.set_ylabel(TITLES["win_both"])
+    ax.set_title("Best-of-k from SFT, helpful AND harmless (paper Fig. 6a), mean over worlds", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, out, "and_best_of_k.png")
 
 
-def shortcut_plot(out: str, results: Dict, rows: List[Dict]) -> str:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    sft = results["sft_shortcut_rates"]
-    for ax, (short, prop, what) in zip(axes, (("list", "helpful", "list format (>= 2 list markers)"),
-                                               ("consult", "harmless", '"consult a <professional>"'))):
-        for exp, label in (("single", f"single reward: {prop}"), ("and", "helpful AND harmless")):
-            rs = [r for r in rows if r["experiment"] == exp and (exp == "and" or r["property"] == prop)]
-            if not rs:
-                continue
-            cs = curves(rs, key=lambda r: r["shortcut"][short])
-            for method in sorted(cs, key=_method_order):
-                c = cs[method]
-                ax.plot(c["kl"], c["y"], marker="o" if exp == "single" else "s", ls="-" if exp == "single" else "--",
-                        label=f"{label}: {method}")
-        ax.axhline(sft[short], color="gray", ls=":", label="SFT")
-        ax.set_xlabel("KL(policy || SFT)")
-        ax.set_ylabel(f"fraction of responses with {what}")
-        ax.set_title(f"Shortcut: {short} (paper Fig. 5)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return _save(fig, out, "shortcuts.png")
+# ---------------------------------------------------------------- text
 
 
-def overopt_plot(out: str, rows: List[Dict]) -> str:
-    """Proxy and gold reward of the optimised property against KL (Gao et al. style over-optimisation)."""
-    panels = [(exp, prop) for exp in ("single", "and") for prop in ("helpful", "harmless")
-              if any(r["experiment"] == exp and prop in r["property"] for r in rows)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)
-    for ax, (exp, prop) in zip(axes[0], panels):
-        rs = [r for r in rows if r["experiment"] == exp and (exp == "and" or r["property"] == prop)]
-        for i, (kind, ls) in enumerate((("proxy", "--"), ("gold", "-"))):
-            cs = curves(rs, key=lambda r, k=kind: r[k][prop])
-            for j, method in enumerate(sorted(cs, key=_method_order)):
-                c = cs[method]
-                ax.plot(c["kl"], c["y"], ls=ls, marker="o", color=f"C{j}", label=f"{method} ({kind})")
-        ax.set_xlabel("KL(policy || SFT)")
-        ax.set_ylabel(f"mean {prop} score")
-        ax.set_title(f"{'single' if exp == 'single' else 'AND vs weighted'}: {prop}\nproxy (dashed) vs gold (solid)", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    return _save(fig, out, "overoptimization.png")
+def _label(c: Dict) -> str:
+    metric = c["metric"].replace("win_", "win ")
+    sub = "" if c["subset"] == "all" else f", {c['subset']} prompts"
+    order = f"{c['a']} - {c['b']}" if c["higher_better"] else f"{c['b']} - {c['a']}"
+    return f"{c['experiment']} {c['property']}, {metric}{sub}: {order}"
 
 
-def matched_pair(rows: List[Dict], a: str, b: str) -> Optional[Tuple[Dict, Dict]]:
-    """The runs of methods a and b (seed 0 if present) whose KLs are closest, preferring larger KL on ties."""
-    ra = [r for r in rows if r["method"] == a and r["seed"] == min(x["seed"] for x in rows)]
-    rb = [r for r in rows if r["method"] == b and r["seed"] == min(x["seed"] for x in rows)]
-    if not ra or not rb:
-        return None
-    return min(((x, y) for x in ra for y in rb), key=lambda p: (abs(p[0]["kl"] - p[1]["kl"]), -p[0]["kl"]))
+def _num(x: Optional[float]) -> str:
+    return "—" if x is None else f"{x:.3f}"
 
 
-def _centred(run_rec: Dict, prop: str, kind: str, medians: np.ndarray) -> np.ndarray:
-    v = np.array(run_rec["eval"]["samples"][f"{kind}_{prop}"])
-    return (v - medians[:, None]).ravel()
+def _interval(p: Dict) -> str:
+    if not p["reached"]:
+        return "not reached"
+    return f"{p['mean']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}]"
 
 
-def distribution_plots(out: str, rows: List[Dict], records: Dict, medians: Dict[str, np.ndarray],
-                       medians_proxy: Dict[str, np.ndarray]) -> Dict[str, str]:
-    """Histograms of KL-matched raw vs lsc (Fig. 4), joint KDE AND vs weighted (Fig. 7), binned proxy vs gold (Fig. 10)."""
-    from scipy.stats import gaussian_kde
-
-    names = {}
-    single = [r for r in rows if r["experiment"] == "single"]
-    props = sorted({r["property"] for r in single})
-    pairs = {p: matched_pair([r for r in single if r["property"] == p], "lsc", "raw") for p in props}
-    pairs = {p: v for p, v in pairs.items() if v}
-    if pairs:
-        fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4), squeeze=False)
-        for ax, (prop, (lsc, raw)) in zip(axes[0], pairs.items()):
-            for r, color in ((raw, "C1"), (lsc, "C0")):
-                v = _centred(records[r["id"]], prop, "gold", medians[prop])
-                ax.hist(v, bins=30, alpha=0.5, color=color, density=True, label=f"{r['method']} (KL {r['kl']:.2f})")
-            ax.axvline(0, color="gray", ls=":")
-            ax.set_xlabel(f"gold {prop} minus the prompt's SFT median")
-            ax.set_title(f"KL-matched policies, {prop} (paper Fig. 4)")
-            ax.legend(fontsize=8)
-        names["hist"] = _save(fig, out, "distributions.png")
-
-        fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4), squeeze=False)
-        for ax, (prop, (lsc, raw)) in zip(axes[0], pairs.items()):
-            for r, color in ((raw, "C1"), (lsc, "C0")):
-                x = _centred(records[r["id"]], prop, "proxy", medians_proxy[prop])
-                y = _centred(records[r["id"]], prop, "gold", medians[prop])
-                edges = np.linspace(x.min(), x.max(), 21)
-                mids, q = [], []
-                for lo, hi in zip(edges[:-1], edges[1:]):
-                    sel = (x >= lo) & (x <= hi)
-                    if sel.sum() > 10:
-                        mids.append(np.median(x[sel]))
-                        q.append(np.percentile(y[sel], [25, 50, 75]))
-                if q:
-                    q = np.array(q)
-                    ax.plot(mids, q[:, 1], color=color, marker="o", label=f"{r['method']} (KL {r['kl']:.2f})")
-                    ax.fill_between(mids, q[:, 0], q[:, 2], color=color, alpha=0.2)
-            ax.set_xlabel(f"proxy {prop} minus SFT median (20 bins)")
-            ax.set_ylabel(f"gold {prop} minus SFT median (25/50/75%)")
-            ax.set_title(f"Over-optimisation, KL-matched (paper Fig. 10), {prop}", fontsize=9)
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
-        names["binned"] = _save(fig, out, "overoptimization_binned.png")
-
-    both = [r for r in rows if r["experiment"] == "and"]
-    weighted = [m for m in {r["method"] for r in both} if m.startswith("weighted")]
-    if both and weighted:
-        best_w = max(weighted, key=lambda m: np.mean([r["win"] for r in both if r["method"] == m]))
-        pair = matched_pair(both, "lsc AND", best_w)
-        if pair:
-            fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True, sharey=True)
-            for ax, r in zip(axes, pair):
-                x = _centred(records[r["id"]], "helpful", "gold", medians["helpful"])
-                y = _centred(records[r["id"]], "harmless", "gold", medians["harmless"])
-                jitter = np.random.default_rng(0).normal(0, 0.02, size=(2, len(x)))  # gold values tie often
-                xy = np.vstack([x, y]) + jitter
-                xx, yy = np.meshgrid(np.linspace(x.min() - 0.3, x.max() + 0.3, 80), np.linspace(y.min() - 0.3, y.max() + 0.3, 80))
-                zz = gaussian_kde(xy)(np.vstack([xx.ravel(), yy.ravel()])).reshape(xx.shape)
-                ax.contourf(xx, yy, zz, levels=np.linspace(zz.max() / 20, zz.max(), 12), cmap="Blues")
-                ax.axhline(0, color="gray", ls=":")
-                ax.axvline(0, color="gray", ls=":")
-                ax.set_title(f"{r['method']} (KL {r['kl']:.2f}, win-both {r['win']:.2f})", fontsize=9)
-                ax.set_xlabel("gold helpful - SFT median")
-            axes[0].set_ylabel("gold harmless - SFT median")
-            fig.suptitle("Joint distribution of KL-matched policies (paper Fig. 7)")
-            names["kde"] = _save(fig, out, "joint_kde.png")
-    return names
+def _md_table(head: Sequence[str], rows: Sequence[Sequence]) -> List[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
 
 
-def fraction_plot(out: str, rows: List[Dict]) -> str:
-    exps = sorted({(r["experiment"], r["property"]) for r in rows})
-    fig, axes = plt.subplots(1, len(exps), figsize=(4.6 * len(exps), 4), squeeze=False)
-    for ax, (exp, prop) in zip(axes[0], exps):
-        rs = [r for r in rows if r["experiment"] == exp and r["property"] == prop and r["fraction_of_frontier"] is not None]
-        _plot_curves(ax, curves(rs, key=lambda r: r["fraction_of_frontier"]))
-        ax.set_ylim(bottom=0)
-        ax.axhline(1.0, color="gray", ls=":")
-        ax.set_xlabel("KL(policy || SFT)")
-        ax.set_ylabel("win rate / gold best-of-n win rate at that KL")
-        ax.set_title(f"{exp}: {prop}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return _save(fig, out, "frontier_fraction.png")
-
-
-# ---------------------------------------------------------------- tables and text
-
-
-def summary_rows(rows: List[Dict]) -> List[Dict]:
-    """One line per (experiment, property, method): best win over the sweep, win at the largest KL, etc."""
-    out = []
-    for (exp, prop), _ in sorted({(r["experiment"], r["property"]): 1 for r in rows}.items()):
-        rs = [r for r in rows if r["experiment"] == exp and r["property"] == prop]
-        cs = curves(rs)
-        fr = curves(rs, key=lambda r: r["fraction_of_frontier"] or 0.0)
-        for method in sorted(cs, key=_method_order):
-            c = cs[method]
-            best = int(np.argmax(c["y"]))
-            mine = [r for r in rs if r["method"] == method]
-            out.append({
-                "experiment": exp, "property": prop, "method": method, "runs": len(mine),
-                "kl_range": (float(c["kl"].min()), float(c["kl"].max())),
-                "best_win": float(c["y"][best]), "best_win_std": float(c["y_std"][best]), "best_win_kl": float(c["kl"][best]),
-                "win_at_max_kl": float(c["y"][-1]),
-                "mean_fraction_of_frontier": float(np.mean(fr[method]["y"])),
-                "list_rate_at_max_kl": float(np.mean([r["shortcut"]["list"] for r in mine if r["c"] == c["c"][-1]])),
-                "consult_rate_at_max_kl": float(np.mean([r["shortcut"]["consult"] for r in mine if r["c"] == c["c"][-1]])),
-            })
-    return out
-
-
-def comparisons(rows: List[Dict]) -> List[Dict]:
-    """The plugin's method against each stock baseline, over the common KL range of their curves."""
-    out = []
-    for (exp, prop), _ in sorted({(r["experiment"], r["property"]): 1 for r in rows}.items()):
-        rs = [r for r in rows if r["experiment"] == exp and r["property"] == prop]
-        cs = curves(rs)
-        ours = "lsc" if exp == "single" else "lsc AND"
-        if ours not in cs:
-            continue
-        for other in sorted(cs, key=_method_order):
-            if other == ours:
-                continue
-            res = compare(cs[ours], cs[other])
-            out.append({"experiment": exp, "property": prop, "method": ours, "baseline": other,
-                        "mean_win_difference": None if res is None else res[0],
-                        "kl_range": None if res is None else (res[1], res[2])})
-    return out
-
-
-def _fmt(x, nd=3) -> str:
-    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
-
-
-def table_text(summary: List[Dict]) -> str:
-    head = f"{'experiment':<10} {'property':<17} {'method':<16} {'runs':>4} {'KL range':>13} {'best win':>13} {'@KL':>6} {'win@maxKL':>9} {'frac.front':>10} {'list%':>6} {'consult%':>8}"
-    lines = [head, "-" * len(head)]
-    for s in summary:
-        best = f"{s['best_win']:.3f}" + (f"±{s['best_win_std']:.3f}" if s["best_win_std"] > 0 else "")
-        lines.append(
-            f"{s['experiment']:<10} {s['property']:<17} {s['method']:<16} {s['runs']:>4} "
-            f"{s['kl_range'][0]:>6.2f}-{s['kl_range'][1]:<6.2f} {best:>13} {s['best_win_kl']:>6.2f} {s['win_at_max_kl']:>9.3f} "
-            f"{s['mean_fraction_of_frontier']:>10.3f} {100 * s['list_rate_at_max_kl']:>6.1f} {100 * s['consult_rate_at_max_kl']:>8.1f}"
-        )
-    return "\n".join(lines)
-
-
-def write(out: str, results: Dict, records: Dict[str, Dict], pools: Dict) -> Dict:
-    """Write every plot and report.md into `out` and print the results table.
-
-    Returns:
-        {"summary", "comparisons", "figures"} for results.json.
-    """
-    from openrlhf_lsc.lab.experiments import thresholds
-
-    rows = results["rows"]
-    thr = thresholds(pools)
-    medians = {"helpful": thr["median_helpful"], "harmless": thr["median_harmless"]}
-    medians_proxy = {p: np.median(pools[f"bon_proxy_{p}"], axis=1) for p in ("helpful", "harmless")}
-    figs = []
-    for prop in sorted({r["property"] for r in rows if r["experiment"] == "single"}):
-        rs = [r for r in rows if r["experiment"] == "single" and r["property"] == prop]
-        figs.append(win_plot(out, results, rs, prop, f"Single reward: {prop} (paper Figs. 3 and 8)", f"single_{prop}.png"))
-    rs = [r for r in rows if r["experiment"] == "and"]
-    if rs:
-        figs.append(win_plot(out, results, rs, "both", "RLHF, helpful AND harmless (paper Figs. 1 and 6b)", "and_rlhf.png"))
-    figs.append(best_of_k_plot(out, results))
-    figs.append(shortcut_plot(out, results, rows))
-    figs.append(overopt_plot(out, rows))
-    figs += list(distribution_plots(out, rows, records, medians, medians_proxy).values())
-    figs.append(fraction_plot(out, rows))
-
-    summary = summary_rows(rows)
-    comps = comparisons(rows)
-    table = table_text(summary)
-    print("\n" + table + "\n")
-    for c in comps:
-        print(_comparison_sentence(c))
-
-    md = _markdown(results, summary, comps, table, figs, records)
-    tmp = os.path.join(out, "report.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(md)
-    os.replace(tmp, os.path.join(out, "report.md"))
-    return {"summary": summary, "comparisons": comps, "figures": figs}
-
-
-def _comparison_sentence(c: Dict) -> str:
-    if c["mean_win_difference"] is None:
-        return f"{c['experiment']}/{c['property']}: {c['method']} vs {c['baseline']}: KL ranges do not overlap, no comparison"
-    d = c["mean_win_difference"]
-    verdict = "higher" if d > 0.005 else "lower" if d < -0.005 else "about equal"
-    return (f"{c['experiment']}/{c['property']}: {c['method']} vs {c['baseline']}: win rate {verdict} by {d:+.3f} on average "
-            f"over KL {c['kl_range'][0]:.2f}-{c['kl_range'][1]:.2f}")
-
-
-def _timing_line(results: Dict, cfg: Dict) -> str:
-    t = results["timing"]
-    setup_cpu = sum(v["cpu_seconds"] for v in t["setup"].values())
-    stages = ", ".join(f"{k} {v['cpu_seconds']:.0f} s" for k, v in t["setup"].items())
-    return (f"- CPU time: setup {setup_cpu:.0f} s ({stages}), "
-            f"PPO runs {t['runs_cpu_seconds']:.0f} s in total; with {cfg['workers']} worker(s) on otherwise idle cores the wall "
-            f"time is about {(setup_cpu + t['runs_cpu_seconds'] / max(cfg['workers'], 1)) / 60:.1f} min plus start-up")
-
-
-def _markdown(results: Dict, summary, comps, table: str, figs: Sequence[str], records: Dict) -> str:
+def _markdown(results: Dict, figs: Sequence[str]) -> str:
     cfg = results["config"]
-    rm = results["reward_models"]
+    targets = cfg["compare_kls"]
+    t = results["timing"]
     lines = [
         f"# openrlhf_lsc CPU lab — {cfg['mode']} mode",
         "",
-        "Stock PPO (raw reward / weighted sum of raw rewards) against the plugin's LSC transform and AND-aggregation,",
-        "in a synthetic world whose gold judges never enter training. Every number below comes from this run:",
-        "`config.json`, `results.json` (all numbers, per-run summaries) and `runs/*.json` (training logs, per-sample",
-        "scores) sit beside this file.",
+        "Stock PPO (raw reward / weighted sum of raw rewards) against the plugin's LSC transform and AND-aggregation in",
+        "synthetic worlds whose gold judges never enter training. Every number comes from this run: `config.json`,",
+        "`results.json`, `selections.json` and `world*/runs/*.json` (per-stair evaluations) sit beside this file.",
         "",
-        f"- world seed {cfg['seed']}, PPO seeds {list(cfg['ppo_seeds'])} (spread = std over PPO seeds; SFT and reward models are shared)",
-        f"- {len(results['rows'])} PPO runs; wall time of the invocation that wrote this report: {results.get('wall_seconds_this_invocation', float('nan')) / 60:.1f} min",
-        f"- KL coefficients: {list(cfg['kl_grid'])} x (std of the run's utility over SFT samples); PPO: {cfg['ppo'] or 'defaults'} "
-        "(estimator gae, k1 KL in the reward, clip 0.2, value clip 0.5, reward clip ±10 as OpenRLHF)",
-        _timing_line(results, cfg),
+        f"- worlds (fresh prompts, SFT and reward models each): {list(cfg['seeds'])}; test PPO seeds {list(cfg['ppo_seeds'])}; "
+        f"validation PPO seeds {list(cfg['val_seeds'])}",
+        f"- every PPO run walks up the KL staircase {list(cfg['kl_targets'])} (nats per response; PI-controlled KL "
+        f"coefficient, {cfg['ppo'].get('steps')} PPO steps, evaluation at the end of each stair); methods are compared at "
+        f"KL {list(targets)}, read linearly between the stairs around each (the SFT policy is the KL-0 point; no value "
+        "where a run's stairs do not bracket the KL, up to 10% past its last stair)",
+        f"- {results['runs']} PPO runs; CPU time: setup {t['setup_cpu_seconds'] / 60:.1f} min, runs "
+        f"{t['runs_cpu_seconds'] / 60:.1f} min; wall time of the invocation that wrote this report "
+        f"{results.get('wall_seconds_this_invocation', float('nan')) / 60:.1f} min ({cfg['mode']}, {cfg.get('workers', 2)} workers)",
         "",
-        "## Results",
+        "## Claims of paper 1",
         "",
-        "```",
-        table,
-        "```",
-        "",
-        "best win = highest win rate over the KL sweep (mean over seeds) and the KL where it was reached; frac.front = mean",
-        "over the sweep of win rate / gold best-of-n win rate at the same KL; list% / consult% = shortcut rates at the",
-        "smallest KL coefficient (largest KL).",
-        "",
-        "Plugin vs stock, averaged over the KL range both curves cover (linear interpolation between runs):",
+        "Intervals: 95% paired bootstrap over worlds, PPO seeds and test prompts. A comparison is *reproduced* when no",
+        "target KL has its interval wholly below 0 and at least one has it wholly above 0, *not reproduced* when some",
+        "target has it wholly below 0, *inconclusive* otherwise; a claim is reproduced when all its comparisons are.",
         "",
     ]
-    lines += [f"- {_comparison_sentence(c)}" for c in comps]
-    diffs = [c["mean_win_difference"] for c in comps if c["mean_win_difference"] is not None]
-    lines += ["", f"In this run the plugin's method was ahead in {sum(d > 0.005 for d in diffs)}, behind in "
-              f"{sum(d < -0.005 for d in diffs)} and level (within ±0.005) in {sum(abs(d) <= 0.005 for d in diffs)} "
-              f"of {len(diffs)} comparisons."]
-    and_rows = [r for r in results["rows"] if r["experiment"] == "and"]
-    if and_rows:
-        spread = results["proxy_within_prompt_std"]
-        lines += ["", "Helpful AND harmless, per property (runs at the smallest KL coefficient, mean over seeds): the",
-                  "fraction of responses above the SFT median on each property, and on both.", "",
-                  "| method | KL | helpful > median | harmless > median | both |", "|---|---|---|---|---|"]
-        for method in sorted({r["method"] for r in and_rows}, key=_method_order):
-            rs = [r for r in and_rows if r["method"] == method]
-            rs = [r for r in rs if r["c"] == min(x["c"] for x in rs)]
-            mean = lambda f: np.mean([f(r) for r in rs])  # noqa: E731
-            lines.append(f"| {method} | {mean(lambda r: r['kl']):.2f} | {mean(lambda r: r['all_wins']['helpful_above_median']):.3f} | "
-                         f"{mean(lambda r: r['all_wins']['harmless_above_median']):.3f} | {mean(lambda r: r['win']):.3f} |")
-        lines += ["", f"Proxy scale (std of the proxy over SFT answers to the same prompt): helpful {spread['helpful']:.2f}, "
-                  f"harmless {spread['harmless']:.2f}. The LSC sum weighs each property by how sure its reward model is",
-                  "(a Bradley-Terry probability), the weighted sum by w: a proxy with a narrower scale gets less say under AND."]
+    lines += _md_table(["claim", "verdict"], [[f"{k}: {v['text']}", f"**{v['verdict']}**"] for k, v in results["claims"].items()])
+    lines += ["", "Paired differences at the target KLs (positive = the first method ahead; for shortcut rates, positive ="
+              " the first method uses the shortcut less):", ""]
+    lines += _md_table(["claim", "comparison"] + [f"KL {x:g}" for x in targets] + ["verdict"],
+                       [[c["claim"], _label(c)] + [_interval(p) for p in c["per_target"]] + [c["verdict"]]
+                        for c in results["comparisons"]])
+    if len(cfg["seeds"]) > 1:
+        lines += ["", "Per world (mean paired difference over seeds and test prompts):", ""]
+        rows = []
+        for c in results["comparisons"]:
+            if c["claim"] == "info":
+                continue
+            for s, v in c["per_world"].items():
+                rows.append([c["claim"], _label(c), s] + [f"{v[str(x)]:+.3f}" if str(x) in v else "—" for x in targets])
+        lines += _md_table(["claim", "comparison", "world"] + [f"KL {x:g}" for x in targets], rows)
+    lines += ["", "## Over-optimisation check (every world)", "",
+              "Raw PPO on the helpfulness proxy, validation seed and prompts: the win rate must rise above the SFT "
+              f"policy's, peak before the last stair and fall from the peak, each by at least {cfg['overopt_margin']}.", ""]
+    lines += _md_table(["world", "win rate @ KL reached (SFT at KL 0)", "peak KL", "rise to peak", "drop after peak",
+                        "passed"],
+                       [[s, ", ".join(f"{w:.3f}@{k:.1f}" for k, w in zip([0.0] + c["kl"], [c["sft_win"]] + c["win"])),
+                         f"{c['peak_kl']:.1f}", f"{c['rise_to_peak']:.3f}", f"{c['drop_after_peak']:.3f}", c["passed"]]
+                        for s, c in results["checks"].items()])
+    raw = {m: results["curves"].get("single_helpful", {}).get(m, {}).get("raw") for m in ("proxy_helpful", "gold_helpful")}
+    if all(raw.values()):
+        last = [(x, p, g) for x, p, g in zip(targets, raw["proxy_helpful"]["band"], raw["gold_helpful"]["band"]) if p and g]
+        if last:
+            x, p, g = last[-1]
+            sl = results["sft_lines"]
+            lines += ["", f"Headroom, test runs: at KL {x:g} raw PPO's answers average {p['mean']:.2f} on the helpfulness proxy "
+                      f"(the best of {cfg['bon_pool']} SFT answers per prompt averages {sl['proxy_helpful_best_of_pool']:.2f}) and "
+                      f"{g['mean']:.2f} on gold helpfulness (SFT median {sl['gold_helpful_median']:.2f})."]
+    lines += ["", "## Tuning (validation seeds and prompts; disjoint from the reported ones)", "",
+              "Score = mean over the target KLs of the win rate on both properties. Both sides get the same number of "
+              "settings; the paper's rule derives AND references from the best weight (the favoured property gets its "
+              "75th percentile, the other the median).", ""]
+    rows = []
+    for s, v in results["selections"].items():
+        best_w = f"weighted w={v['weight']:g}"
+        best_q = f"lsc AND q=({v['and_ref'][0]:g},{v['and_ref'][1]:g})"
+        rows.append([s, f"{best_w} ({_num(v['scores'][best_w])})", f"{best_q} ({_num(v['scores'][best_q])})",
+                     f"q=({v['paper_rule'][0]:g},{v['paper_rule'][1]:g})"])
+    lines += _md_table(["world", "best weight", "best AND references", "paper rule"], rows)
+    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figs]
+    lines += ["", "## Setup diagnostics (per world)", ""]
+    rows = []
+    for s, w in results["worlds"].items():
+        h, m = w["headroom"], w["mechanisms"]
+        rows.append([s, f"{w['rm']['helpful']['heldout_accuracy_vs_gold']:.3f} / {w['rm']['harmless']['heldout_accuracy_vs_gold']:.3f}",
+                     f"{h['proxy_over_sft_max_in_sd'][-1]:+.2f}", f"{h['gold'][0]:.2f} → {max(h['gold']):.2f} → {h['gold'][-1]:.2f} "
+                     f"(SFT median {h['sft_gold_median']:.2f})",
+                     f"{m['proxy_offset_sd_over_within_sd']:.2f}", f"{m['proxy_within_sd_p10_p90'][0]:.2f}–{m['proxy_within_sd_p10_p90'][1]:.2f}",
+                     f"{m['sft_gold_helpful_mean_hard_vs_easy'][0]:.2f} / {m['sft_gold_helpful_mean_hard_vs_easy'][1]:.2f}",
+                     "—" if m["helpful_harmless_corr_sensitive"] is None else f"{m['helpful_harmless_corr_sensitive']:+.2f}"])
+    lines += _md_table(["world", "proxy accuracy vs gold (help / harm)", "ascent: proxy over SFT max [SD]",
+                        "ascent: gold start → peak → end", "offset spread / within-prompt SD",
+                        "within-prompt SD p10–p90", "SFT gold, hard / easy prompts", "gold help-harm corr. (sensitive)"], rows)
+    lines += ["", "- ascent: greedy random-edit ascent on the helpfulness proxy from the worst of 8 SFT answers (non-sensitive "
+              "eval prompts): how far above the best of the SFT pool the proxy can be pushed, and what gold makes of it.",
+              "- offset spread: SD across prompts of the proxy's per-prompt SFT median over the mean within-prompt SD "
+              "(prompt-dependent offsets); within-prompt SD p10–p90: prompt-dependent scales; hard prompts have two key "
+              "words the demonstrator rarely finds; the correlation shows the helpful/harmless trade-off on sensitive prompts.",
+              "", "Shortcut probe (first world): proxy and gold score of one on-topic answer with the shortcut repeated n times "
+              "(gold stops crediting after 2 list items / 1 consult and then penalises repeats):", ""]
+    first = next(iter(results["worlds"].values()))
+    rows = [[name, r["repeats"], f"`{r['example']}`", f"{r['proxy']:.2f}", f"{r['gold']:.2f}"]
+            for name, s in first["rm"].items() for r in s["shortcut_probe"]]
+    lines += _md_table(["property", "n", "example", "proxy", "gold"], rows)
     bok = results["best_of_k"]
-    lines += ["", "Best-of-k from SFT (helpful AND harmless, win = above both SFT medians):", "",
-              "| k | KL formula | " + " | ".join(bok["methods"]) + " |", "|---|---|" + "---|" * len(bok["methods"])]
-    for i, k in enumerate(bok["k"]):
-        lines.append(f"| {k} | {bok['kl_formula'][i]:.2f} | " + " | ".join(f"{bok['methods'][m]['win_both'][i]:.3f}" for m in bok["methods"]) + " |")
-    lines += ["", "## Figures", ""]
-    lines += [f"![{f}]({f})" for f in figs]
-    lines += [
-        "",
-        "## Setup diagnostics",
-        "",
-        f"- SFT: {results['sft']['demos']} demonstrations, epoch losses {[round(x, 3) for x in results['sft']['epoch_losses']]}",
-    ]
-    for name, s in rm.items():
-        lines.append(f"- proxy RM `{name}`: {s['pairs']} Bradley-Terry pairs (T = {cfg['bt_temperature']}); held-out accuracy "
-                     f"{_fmt(s['heldout_accuracy_vs_gold'])} against the gold order, {_fmt(s['heldout_accuracy_vs_labels'])} against the noisy labels")
-    lines += ["", "Shortcut probe: proxy and gold score of one fixed on-topic answer with the shortcut repeated n times",
-              "(mean over 64 non-sensitive prompts; gold stops crediting after 2 list items / 1 consult):", "",
-              "| property | n | example | proxy | gold |", "|---|---|---|---|---|"]
-    for name, s in rm.items():
-        for row in s["shortcut_probe"]:
-            lines.append(f"| {name} | {row['repeats']} | `{row['example']}` | {row['proxy']:.2f} | {row['gold']:.2f} |")
-    lines += ["", "Best-of-n KL: formula log n − (n−1)/n against the exact KL of best-of-n over the helpful proxy's SFT pool",
-              "(continuous scores; duplicates in the pool make the exact value smaller):", ""]
-    for n, c in results["bon_kl_check"].items():
-        lines.append(f"- n = {n}: formula {c['formula']:.3f}, pool {c['empirical_proxy_helpful']:.3f}")
-    lines += ["", f"SFT win rates on its own pool (the KL = 0 point): " + ", ".join(f"{k} {v:.3f}" for k, v in results["sft_win_rates_on_pool"].items()),
-              f"SFT shortcut rates: list {results['sft_shortcut_rates']['list']:.3f}, consult {results['sft_shortcut_rates']['consult']:.3f}",
-              "", "## Example generations (largest-KL run of each method, seed 0)", ""]
-    seen = set()
-    for r in sorted(results["rows"], key=lambda r: (r["experiment"], r["property"], r["method"], r["c"])):
-        key = (r["experiment"], r["property"], r["method"])
-        if key in seen or r["seed"] != min(x["seed"] for x in results["rows"]):
-            continue
-        seen.add(key)
-        lines.append(f"**{r['experiment']} / {r['property']} / {r['method']}** (KL {r['kl']:.2f}, win {r['win']:.3f})")
-        lines.append("```")
-        lines += records[r["id"]]["eval"]["examples"][:4]
-        lines.append("```")
+    lines += ["", "Best-of-k from SFT (helpful AND harmless, win = above both SFT medians, mean over worlds):", ""]
+    lines += _md_table(["k", "KL"] + list(bok["methods"]),
+                       [[k, f"{bok['kl_formula'][i]:.2f}"] + [f"{bok['methods'][m]['win_both'][i]:.3f}" for m in bok["methods"]]
+                        for i, k in enumerate(bok["k"])])
+    lines += ["", "## Example generations (last stair, first world, first test seed)", ""]
+    for e in results["examples"]:
+        lines += [f"**{e['id']}** (KL {e['kl']:.1f})", "```"] + e["examples"] + ["```"]
     lines += [
         "",
         "## How to read this",
         "",
-        "- The world: prompts `how <verb> <noun> <modifier> ?`; gold helpfulness pays distinct relevant words with",
-        "  diminishing returns, list format only up to two items, risky details on sensitive prompts; gold harmlessness",
-        "  punishes risky details, pays refusals on sensitive prompts, `consult a <professional>` once, politeness with",
-        "  diminishing returns. Responses have at most 15 words, so shortcuts displace content (`openrlhf_lsc/lab/world.py`).",
-        "- Proxy reward models are small transformers trained on noisy gold comparisons of SFT samples; PPO optimises",
-        "  them through `openrlhf_lsc.rewards.aggregate_rewards` with references from `openrlhf_lsc.estimate`.",
-        "- The frontier is best-of-n from SFT ranked by the gold judge itself, at KL = log n − (n−1)/n: no policy of",
-        "  that KL found by sampling does better on average; it is an upper bound computed from the SFT pool.",
-        "- This is a toy: a 100k-parameter policy, short responses, one SFT model and one pair of reward models. It shows",
-        "  the mechanics and the direction of effects, not their size on real LLMs.",
+        "- The world (`openrlhf_lsc/lab/world.py`): prompts `how <verb> <noun> <modifier> ?`; gold helpfulness pays",
+        "  distinct relevant words with diminishing returns (scaled per task), list format for two items only, and",
+        "  penalises repeated items and words past a 12-word budget; gold harmlessness punishes risky details, pays refusals",
+        "  on sensitive prompts and one `consult a <professional>`, penalising further consult lines. The demonstrator",
+        "  stays within the budget, so the proxies learn 'more items, longer, more consulting' and keep paying for it.",
+        "- Proxies are small transformers in OpenRLHF's reward-model layout trained on noisy gold comparisons of SFT",
+        "  samples; the EOS embedding is enlarged and frozen so the final norm does not cap scores near the SFT answers.",
+        "- KL is matched by construction: every run of every method walks the same staircase of target KLs; a method's",
+        "  value at a target is read between the stairs around it. Gold depends on the path, not only on KL: the numbers",
+        "  are for this schedule (the same for every method).",
+        "- This is a toy: a 100k-parameter policy, 15-word answers. It shows mechanics and the direction of effects, not",
+        "  their size on real LLMs.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def write(out: str, results: Dict) -> Dict:
+    """Write every plot and report.md into `out` and print the verdicts.
+
+    Returns:
+        {"figures": [...]} for results.json.
+    """
+    figs = curve_plots(out, results)
+    figs += [differences_plot(out, results), check_plot(out, results), headroom_plot(out, results),
+             tuning_plot(out, results), best_of_k_plot(out, results)]
+    text = _markdown(results, figs)
+    tmp = os.path.join(out, "report.md.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(out, "report.md"))
+    print()
+    for k, v in results["claims"].items():
+        print(f"{k} {v['verdict']:>15}: {v['text']}")
+    for c in results["comparisons"]:
+        print(f"  {c['claim']:>4} {_label(c)}: " + "; ".join(f"KL {p['target']:g} {_interval(p)}" for p in c["per_target"]))
+    return {"figures": figs}
