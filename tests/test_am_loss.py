@@ -393,3 +393,81 @@ def test_ece_default_is_ten_bins():
     c, r = torch.tensor([logit(0.548), 0.0], dtype=torch.float64), torch.tensor([0.0, logit(0.552)], dtype=torch.float64)
     # ten bins put confidence 0.548 (right) in bin 0 and 0.552 (wrong) in bin 1; eleven would share one bin
     assert pairwise_metrics(c, r)["ece"] == pytest.approx((abs(1 - 0.548) + abs(0 - 0.552)) / 2, abs=1e-12)
+
+
+def _local_sums(task_names, scores):
+    """Per task of task_names: (count, sum, sum of squares) of one rank's scores, by numpy."""
+    out = np.zeros((len(task_names), 3))
+    for i, t in enumerate(task_names):
+        if t in scores:
+            a = np.asarray(scores[t], dtype=np.float64)
+            out[i] = len(a), a.sum(), (a**2).sum()
+    return out
+
+
+def test_all_reduce_pools_task_statistics_over_ranks():
+    """Two ranks simulated in one process: each rank's all_reduce adds the other's sums. Both end with the pooled
+    statistics of every task any rank saw (in task_names order), and none for a task no rank saw."""
+    names = ["a", "b", "a", "c"]  # repeated names collapse, first-seen order
+    rank = {0: ([0.5, -1.0], [0.25, -2.0], ["a", "a"]), 1: ([2.0, 1.0], [1.5, 3.0], ["a", "b"])}
+    scores = {i: {} for i in rank}
+    for i, (c, r, tasks) in rank.items():
+        for t in dict.fromkeys(tasks):
+            idx = [j for j, u in enumerate(tasks) if u == t]
+            scores[i][t] = [c[j] for j in idx] + [r[j] for j in idx]
+    unique = ["a", "b", "c"]
+    seen = {}
+    for i, (c, r, tasks) in rank.items():
+        other = torch.tensor(_local_sums(unique, scores[1 - i]), dtype=torch.float64)
+
+        def all_reduce(s, i=i, other=other):
+            seen[i] = s.clone()
+            return s + other
+
+        am = AdvantageModelLoss(expected_coef=0, bound_coef=0, task_names=names, all_reduce=all_reduce)
+        assert am.task_names == unique
+        am(torch.tensor(c, dtype=torch.float64), torch.tensor(r, dtype=torch.float64), tasks)
+        np.testing.assert_allclose(seen[i].numpy(), _local_sums(unique, scores[i]))  # this rank's own sums
+        pooled = {t: scores[0].get(t, []) + scores[1].get(t, []) for t in ("a", "b")}
+        assert sorted(am.running) == ["a", "b"]  # "c": no rank saw it
+        for t, a in pooled.items():
+            a = np.array(a)
+            assert am.running[t] == pytest.approx([a.mean(), (a**2).mean()], rel=1e-12)
+
+
+def test_all_reduce_settings_and_unknown_tasks():
+    with pytest.raises(ValueError, match="all_reduce needs task_names"):
+        AdvantageModelLoss(all_reduce=lambda s: s)
+    am = AdvantageModelLoss(task_names=["a"], all_reduce=lambda s: s)
+    assert am.all_reduce is not None and am.task_names == ["a"]
+    with pytest.raises(ValueError, match=r"tasks \['z'\] are not among the training tasks \['a'\]"):
+        am(torch.tensor([1.0]), torch.tensor([0.0]), ["z"])
+    single = AdvantageModelLoss()  # one process: any task is accepted
+    single(torch.tensor([1.0]), torch.tensor([0.0]), ["z"])
+    assert single.task_names is None and list(single.running) == ["z"]
+
+
+def test_task_term_without_running_statistics_uses_the_batch():
+    """In eval mode, a task with no running statistics is penalised with this batch's mean and variance."""
+    tau, coef = 0.7, 1.5
+    am = AdvantageModelLoss(expected_coef=0, bound_coef=0, task_coef=coef, task_std=tau).eval()
+    c, r = np.array([2.0, -1.0, 0.5]), np.array([1.0, 0.5, -3.0])
+    loss = am(torch.tensor(c, dtype=torch.float64), torch.tensor(r, dtype=torch.float64), ["t"] * 3)
+    a = np.concatenate([c, r])
+    penalty = a.mean() ** 2 / 2 + (a.var() - tau**2) ** 2 / 2
+    assert loss.item() == pytest.approx(-log_expit(c - r).mean() + coef * penalty, rel=1e-12)
+    assert am.running == {}
+
+
+def test_running_statistics_travel_in_the_state_dict():
+    """The running task statistics are module state: saved by state_dict (DeepSpeed checkpoints) and restored."""
+    am = AdvantageModelLoss(task_momentum=0.5)
+    am(torch.tensor([1.0, 2.0]), torch.tensor([0.0, -1.0]), ["a", "b"])
+    state = am.state_dict()
+    assert state["_extra_state"] == {"running": {t: list(v) for t, v in am.running.items()}}
+    fresh = AdvantageModelLoss(task_momentum=0.5)
+    fresh.load_state_dict(state)
+    assert fresh.running == am.running and sorted(fresh.running) == ["a", "b"]
+    assert all(type(x) is float for v in fresh.running.values() for x in v)
+    fresh.set_extra_state({"running": {"c": (np.float32(0.5), torch.tensor(2.0))}})  # replaces, as floats
+    assert fresh.running == {"c": [0.5, 2.0]} and all(type(x) is float for x in fresh.running["c"])

@@ -123,6 +123,8 @@ def test_statistics_match_reference_on_random_inputs(case):
         ([0.0, 1.0], [0, 0], {"ppo_fraction": -0.5}, r"ppo_fraction must be in \(0, 1\], got -0.5"),
         ([0.0, 1.0], [0, 0], {"ppo_fraction": 1.5}, r"ppo_fraction must be in \(0, 1\], got 1.5"),
         ([0.0, 1.0], [0, 0], {"ppo_fraction": 0.5, "rehearsal_k": -1}, "--select.rehearsal_k must be an integer >= 0, got -1"),
+        ([0.0, 1.0], [0, 0], {"ppo_fraction": 0.5, "rehearsal_k": True}, "--select.rehearsal_k must be an integer >= 0, got True"),
+        ([0.0, 1.0], [0, 0], {"ppo_fraction": 0.5, "rehearsal_k": 1.0}, "--select.rehearsal_k must be an integer >= 0, got 1.0"),
         ([0.0, 1.0, 2.0], [0, 2, 2], {"ppo_fraction": 0.5}, r"^clusters \[1\] are empty"),
         ([0.0, 1.0, 2.0, 3.0], [0, 0, 1, 3], {"ppo_fraction": 0.5, "rehearsal_k": 1}, r"^clusters \[2\] are empty"),
         ([0.0] * 5, [0, 1, 1, 2, 3], {"ppo_fraction": 0.5, "rehearsal_k": 2},
@@ -172,6 +174,8 @@ def test_cluster_edges_one_cluster_and_exactly_n_distinct_embeddings():
         (np.array([[0.0, 1.0], [np.inf, 0.0]]), 1, r"finite \[N, d\] array"),
         (np.eye(3), 0, r"--select.n_clusters must be in \[1, 3\] \(the number of prompts\), got 0"),
         (np.eye(3), 4, r"--select.n_clusters must be in \[1, 3\] \(the number of prompts\), got 4"),
+        (np.eye(3), True, r"--select.n_clusters must be in \[1, 3\] \(the number of prompts\), got True"),
+        (np.eye(3), 2.0, r"--select.n_clusters must be in \[1, 3\] \(the number of prompts\), got 2.0"),
         (np.array([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]), 3, "^only 2 distinct prompt embeddings for --select.n_clusters 3"),
     ],
 )
