@@ -12,26 +12,15 @@ per-task statistics under `lsc_am_task_stats`.
 """
 
 import argparse
-import math
 import sys
 from typing import List, Optional
 
+from openrlhf_lsc.cli.common import number
 from openrlhf_lsc.cli.train_ppo_ray import check_exists
 from openrlhf_lsc.integration import StockCLI
 
 PROG = "python -m openrlhf_lsc.cli.train_rm"
 AM_ONLY = ("margin", "expected_coef", "bound_coef", "task_coef", "task_std", "task_momentum")
-
-
-def finite(text: str) -> float:
-    """argparse type: a finite number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -40,15 +29,15 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                    "eval statistics (any loss) and the per-task term (am)")
     g.add_argument("--am.min_task_pairs", type=int, default=10,
                    help="fewest pairs a task may have in the training (am) or evaluation set, >= 1")
-    g.add_argument("--am.margin", type=finite, default=2.5, help="m > 0: the advantage is kept within [-m, m] (am)")
-    g.add_argument("--am.expected_coef", type=finite, default=1.0,
+    g.add_argument("--am.margin", type=number(), default=2.5, help="m > 0: the advantage is kept within [-m, m] (am)")
+    g.add_argument("--am.expected_coef", type=number(), default=1.0,
                    help="weight >= 0 of the expected-reward term: each pair's mean score is pulled to 0 (am)")
-    g.add_argument("--am.bound_coef", type=finite, default=1.0, help="weight >= 0 of mean(relu(|a| - m)^2) (am)")
-    g.add_argument("--am.task_coef", type=finite, default=1.0,
+    g.add_argument("--am.bound_coef", type=number(), default=1.0, help="weight >= 0 of mean(relu(|a| - m)^2) (am)")
+    g.add_argument("--am.task_coef", type=number(), default=1.0,
                    help="weight >= 0 of the per-task term pulling each task's score mean to 0 and std to "
                    "--am.task_std (am; needs --am.task_key; 0 turns it off)")
-    g.add_argument("--am.task_std", type=finite, default=1.0, help="the score std > 0 every task is pulled to (am)")
-    g.add_argument("--am.task_momentum", type=finite, default=0.1,
+    g.add_argument("--am.task_std", type=number(), default=1.0, help="the score std > 0 every task is pulled to (am)")
+    g.add_argument("--am.task_momentum", type=number(), default=0.1,
                    help="weight in (0, 1] of the newest batch in the running per-task mean/std (am)")
 
 
