@@ -214,6 +214,50 @@ def test_score_prompts_refuses_a_wrong_score_count_and_no_canned_responses():
         estimate.score_prompts(["a"], no_sampler, {"c": table_rm({})}, {"c": "canned"}, 2, [])
 
 
+
+def test_score_error_retries_prompt_by_prompt_and_records_only_the_prompts_that_still_fail():
+    k, calls = 2, []
+    table = {(p, f"r{j}"): float(10 * i + j) for i, p in enumerate("abcd") for j in range(k)}
+    table.update({(p, c): float(len(c) + i) for i, p in enumerate("abcd") for c in ("no", "nope!")})
+
+    def flaky(prompts, responses):  # a server that fails whole calls touching "b" and any call over one prompt
+        calls.append(list(zip(prompts, responses)))
+        if "b" in prompts:
+            raise estimate.ScoreError(f"cannot score b ({len(prompts)} responses)")
+        if len(set(prompts)) > 1:
+            raise estimate.ScoreError("batch too large")
+        return [table[(p, r)] for p, r in zip(prompts, responses)]
+
+    records = estimate.score_prompts(
+        list("abcd"), sampler_of(k), {"h": flaky}, {"h": "quantile"}, k, [0.5])
+    # one call for everything, then one call per prompt holding exactly that prompt's k (prompt, response) pairs
+    assert calls == [[(p, f"r{j}") for p in "abcd" for j in range(k)]] + [[(p, f"r{j}") for j in range(k)] for p in "abcd"]
+    assert records[1] == {"h": {"error": "cannot score b (2 responses)", "retry": True}}
+    for i in (0, 2, 3):
+        assert records[i] == {"h": {"k": 2, "mean": 10 * i + 0.5, "std": pytest.approx(math.sqrt(0.5), rel=1e-12),
+                                    "quantiles": {"0.5": 10 * i + 0.5}}}
+
+    calls.clear()
+    records = estimate.score_prompts(list("abcd"), no_sampler, {"c": flaky}, {"c": "canned"}, k, [],
+                                     canned_responses=["no", "nope!"])
+    assert calls == [[(p, c) for p in "abcd" for c in ("no", "nope!")]] + [[(p, c) for c in ("no", "nope!")] for p in "abcd"]
+    assert records[1] == {"c": {"error": "cannot score b (2 responses)", "retry": True}}
+    assert [records[i] for i in (0, 2, 3)] == [{"c": {"canned_scores": [2.0 + i, 5.0 + i]}} for i in (0, 2, 3)]
+
+
+def test_score_error_on_every_prompt_fails_each_and_other_exceptions_propagate():
+    def down(prompts, responses):
+        raise estimate.ScoreError("server down")
+
+    records = estimate.score_prompts(["a", "b"], sampler_of(2), {"h": down}, {"h": "gaussian"}, 2, [0.5])
+    assert records == [{"h": {"error": "server down", "retry": True}}] * 2
+
+    def broken(prompts, responses):
+        raise RuntimeError("bug in the reward fn")
+
+    with pytest.raises(RuntimeError, match="bug in the reward fn"):
+        estimate.score_prompts(["a", "b"], sampler_of(2), {"h": broken}, {"h": "quantile"}, 2, [0.5])
+
 def test_default_canned_responses_are_refusals():
     assert len(estimate.CANNED_RESPONSES) == 5 and len(set(estimate.CANNED_RESPONSES)) == 5
     for text in estimate.CANNED_RESPONSES:
@@ -526,3 +570,90 @@ def test_estimate_references_spreads_and_checks_per_model_settings():
 def test_gaussian_reference_is_mean_plus_z_std():
     assert estimate.finish([{"g": _sampled([1.0, 2.0, 4.0])}], {"g": "gaussian"}, {"g": 0.3})[0][0]["g"]["reference"] == \
         pytest.approx(gaussian_reference(7 / 3, np.std([1.0, 2.0, 4.0], ddof=1), 0.3).item(), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------- sampler
+
+
+class _Tok:
+    """Word-level tokenizer: word i of the vocabulary is id i + 10; ids 0-9 are special."""
+
+    eos_token_id, pad_token_id = 2, 0
+
+    def __init__(self):
+        self.vocab, self.decoded = {}, []
+
+    def __call__(self, text, add_special_tokens=True):
+        assert add_special_tokens is False  # the chat template already placed any BOS
+        return {"input_ids": [self.vocab.setdefault(w, len(self.vocab) + 10) for w in text.split()]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.decoded.append((list(ids), skip_special_tokens))
+        return "|".join(map(str, ids))
+
+
+class _LM:
+    """`generate` stand-in: records its arguments and answers row r (prompt j, sample t) with tokens[j][t]."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, eos, tokens):
+        self.generation_config = type("GC", (), {"eos_token_id": eos})()
+        self.tokens, self.calls, self.seen = tokens, [], 0
+
+    def generate(self, input_ids, attention_mask, **kw):
+        self.calls.append((input_ids.tolist(), attention_mask.tolist(), kw))
+        k = kw["num_return_sequences"]
+        rows = []
+        for j in range(input_ids.shape[0]):
+            for t in range(k):
+                new = self.tokens[self.seen + j][t]
+                rows.append(input_ids[j].tolist() + new + [0] * (kw["max_new_tokens"] - len(new)))
+        self.seen += input_ids.shape[0]
+        return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("eos, expected", [(None, [2]), (2, [2]), (7, [2, 7]), ([9, 2, 5, 9], [2, 5, 9])])
+def test_sampler_stops_at_the_union_of_the_configs_and_the_tokenizers_eos(eos, expected):
+    sampler = estimate.HFSampler(_LM(eos, []), _Tok(), max_new_tokens=4)
+    assert sampler.eos == expected
+    for e in expected:  # cut after the first EOS of any kind, which is kept
+        assert sampler.decode([11, e, 12, 2]) == f"11|{e}"
+    others = [t for t in (5, 7, 9) if t not in expected]
+    assert sampler.decode([11] + others + [12]) == "|".join(map(str, [11] + others + [12]))
+    assert all(skip is False for _, skip in sampler.tokenizer.decoded)  # special tokens (the EOS) stay in the text
+
+
+def test_sampler_left_pads_truncates_batches_and_generates_as_openrlhf_rollouts():
+    tok = _Tok()
+    prompts = ["a b c d e f", "g", "h i", "j k l"]
+    k = 2
+    tokens = [[[30 + 10 * j, 2, 0], [40 + 10 * j, 41 + 10 * j, 42 + 10 * j]] for j in range(4)]  # EOS then pad; no EOS
+    lm = _LM([5], tokens)
+    sampler = estimate.HFSampler(lm, tok, max_new_tokens=3, temperature=0.7, top_p=0.9, max_len=7, batch_size=3)
+    out = sampler(prompts, k)
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    # batches of 3 then 1; prompts keep their last max_len - max_new_tokens = 4 tokens, left-padded with pad id 0
+    first, second = lm.calls
+    assert first[0] == [ids[0][-4:], [0, 0, 0] + ids[1], [0, 0] + ids[2]]
+    assert first[1] == [[1, 1, 1, 1], [0, 0, 0, 1], [0, 0, 1, 1]]
+    assert second[0] == [ids[3]] and second[1] == [[1, 1, 1]]
+    for _, _, kw in (first, second):
+        assert kw == {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_new_tokens": 3,
+                      "min_new_tokens": 1, "num_return_sequences": k, "pad_token_id": 0, "eos_token_id": [2, 5]}
+    # response t of prompt j is generated row j * k + t, cut after its first EOS
+    assert out == [[f"{30 + 10 * j}|2", f"{40 + 10 * j}|{41 + 10 * j}|{42 + 10 * j}"] for j in range(4)]
+
+
+def test_sampler_without_max_len_keeps_whole_prompts_and_checks_its_settings():
+    tok = _Tok()
+    lm = _LM(None, [[[2]]] * 3)
+    estimate.HFSampler(lm, tok, max_new_tokens=2, batch_size=8)(["a b c d e", "f", "g h"], 1)
+    assert lm.calls[0][0] == [tok("a b c d e", add_special_tokens=False)["input_ids"], [0] * 4 + tok("f", add_special_tokens=False)["input_ids"], [0] * 3 + tok("g h", add_special_tokens=False)["input_ids"]]
+    assert estimate.HFSampler(lm, tok, max_new_tokens=5, max_len=6).max_prompt == 1  # one prompt token is enough
+    with pytest.raises(ValueError, match=r"^--data.max_len 5 leaves no room for a prompt with --rollout.max_new_tokens 5$"):
+        estimate.HFSampler(lm, tok, max_new_tokens=5, max_len=5)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match=rf"^--rollout.temperature must be > 0 to draw k different samples, got {bad}$"):
+            estimate.HFSampler(lm, tok, max_new_tokens=2, temperature=bad)
+    assert estimate.HFSampler(lm, tok, max_new_tokens=2, temperature=1e-3).temperature == 1e-3

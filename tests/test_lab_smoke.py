@@ -201,3 +201,75 @@ def test_sampled_responses_always_end_with_one_eos():
     assert (responses[:, -1] == models.EOS).float().mean() > 0.5
     eos_at = (responses == models.EOS).float().argmax(1)
     assert (models.action_mask(responses).sum(1) == eos_at + 1).all()  # the actions run up to and including the EOS
+
+
+def test_monitor_is_recorded_and_does_not_change_the_run(lab):
+    out, results = lab
+    rec = next(ex.read_json(os.path.join(out, "world0", "runs", n)) for n in sorted(os.listdir(os.path.join(out, "world0", "runs")))
+               if "single-helpful-raw" in n)
+    mon, h = rec["monitor"], rec["history"]
+    assert mon["window"] == 5 and mon["patience"] == 3 and mon["noise_sd"] == ex.MONITOR_NOISE
+    assert all(math.isfinite(x[k]) for x in h for k in ("gold/helpful", "monitor/signal/evaluator", "monitor/signal/proxy"))
+    assert h[0]["monitor/signal/evaluator"] == 0.0 == h[0]["monitor/signal/proxy"]  # gains from the first step
+    assert "monitor" in results and "## Over-optimisation monitor" in open(os.path.join(out, "report.md")).read()
+    # the same run without the monitor: its noise and gold scoring draw nothing from PPO's generators
+    lab_, sft, rms, refs, pools, _ = ex._load(out, CFG, 0)
+    run = rec["run"]
+    pipe = ex.ppo.RewardPipeline([rms[p] for p in run["properties"]], run["properties"], [{}] * refs["train_prompts"],
+                                 run["transform"], run["aggregate"], run["weights"])
+    pcfg = ex.ppo.PPOConfig(**{k: (tuple(v) if k == "kl_targets" else v) for k, v in rec["ppo"].items()})
+    plain = ex.ppo.train(sft, ex.lab_prompt_ids(lab_), pipe, pcfg, seed=1000 + run["seed"], progress=False).history
+    assert [x["utility"] for x in plain] == [x["utility"] for x in h]
+    assert [x["kl"] for x in plain] == [x["kl"] for x in h]
+
+
+def _history(gold, kl):
+    return [{"gold/helpful": g, "kl": k} for g, k in zip(gold, kl)]
+
+
+def test_monitor_summary_reads_peak_stop_and_gold_lost_by_hand():
+    gold = [0, 2, 4, 6, 8, 6, 4, 2, 0, 0]  # peaks at step 4
+    kl = list(range(10))
+    run = {"split": "test", "experiment": "single", "properties": ["helpful"], "method": "raw", "seed": 0}
+    mon = {"window": 2, "patience": 3, "fired_step": 7, "gold_sft_sd": {"helpful": 2.0}}
+    never = dict(mon, fired_step=None)
+    records = {(0, "a"): {"run": run, "history": _history(gold, kl), "monitor": mon},
+               (0, "b"): {"run": run, "history": _history(gold, kl), "monitor": never},
+               (0, "c"): {"run": dict(run, split="val"), "history": _history(gold, kl), "monitor": mon},
+               (0, "d"): {"run": run, "history": _history(gold, kl)}}  # a run made before the monitor existed
+    # moving averages (window 2) in SFT sd units: gold [0.5, 1.5, 2.5, 3.5, 3.5, 2.5, 1.5, 0.5, 0], kl [0.5 ... 8.5]
+    got = ex.monitor_summary(ex.PRESETS["smoke"], records)
+    assert list(got) == ["single helpful raw"]
+    assert got["single helpful raw"] == {
+        "runs": 2, "fired": 1, "fired_after_peak": 1,
+        "kl_peak_median": 3.5,  # the first of the equal maxima: window ending at step 4
+        "kl_stop_median": 6.5,  # fired at step 7: the window ending there starts at step 6
+        "gold_lost_with_monitor": pytest.approx(((3.5 - 1.5) + (3.5 - 0.0)) / 2),  # the unfired run trains to the end
+        "gold_lost_without": pytest.approx(3.5)}
+
+
+def test_best_of_k_goes_through_rerank_and_tunes_the_weight_on_validation(lab):
+    out, _ = lab
+    lab_, _, _, refs, pools, thr = ex._load(out, CFG, 0)
+    bok = ex.best_of_k(lab_, pools, refs, [1, pools["bon_proxy_helpful"].shape[1]], [0.2, 0.8], thr)
+    win = ex.wins(pools["bon_gold_helpful"], pools["bon_gold_harmless"], thr)["win_both"]
+    n_val = len(lab_.val_prompts)
+    # k = 1 keeps a uniformly random candidate whatever the utility: every method scores the pool's mean win
+    for m in bok["methods"].values():
+        np.testing.assert_allclose(np.concatenate([m["val"][0], m["test"][0]]), win.mean(1), atol=1e-12)
+    # k = pool size with replacement is not the argmax, but its limit orders like it: raw helpful alone, by hand
+    proxy = pools["bon_proxy_helpful"]
+    probs = ex.bon_pick_probs(proxy, proxy.shape[1])
+    np.testing.assert_allclose(bok["methods"]["raw helpful"]["test"][1], (probs * win).sum(1)[n_val:], atol=1e-12)
+    # the summary takes, per k, the weight with the better validation mean and compares it on the test prompts
+    fake = {"k": [1, 2], "kl_formula": [0.0, 0.19], "methods": {
+        "lsc AND": {"val": np.array([[0.5, 0.5], [0.6, 0.6]]), "test": np.array([[0.5, 0.5], [0.7, 0.9]])},
+        "weighted w=0.2": {"val": np.array([[0.5, 0.5], [0.9, 0.9]]), "test": np.array([[0.5, 0.5], [0.1, 0.1]])},
+        "weighted w=0.8": {"val": np.array([[0.5, 0.5], [0.1, 0.1]]), "test": np.array([[0.5, 0.5], [0.9, 0.9]])},
+        "raw helpful": {"val": np.zeros((2, 2)), "test": np.array([[0.5, 0.5], [0.8, 0.8]])}}}
+    s = ex.best_of_k_summary([fake], [0.2, 0.8], 200)
+    assert s["methods"]["lsc AND"]["win_both"] == pytest.approx([0.5, 0.8])
+    tuned = s["diffs"]["lsc AND - weighted (weight tuned on val)"]
+    assert tuned[1]["mean"] == pytest.approx(0.7) and tuned[0] == {"mean": 0.0, "lo": 0.0, "hi": 0.0}  # w=0.2 won val
+    raw = s["diffs"]["lsc AND - raw helpful"][1]
+    assert raw["mean"] == pytest.approx(0.0) and raw["lo"] == pytest.approx(-0.1) and raw["hi"] == pytest.approx(0.1)

@@ -44,7 +44,9 @@ from tqdm.auto import tqdm
 
 from openrlhf_lsc.estimate import estimate_references
 from openrlhf_lsc.lab import models, ppo, stats, world
-from openrlhf_lsc.rewards import NEEDS_REFERENCE
+from openrlhf_lsc.monitor import Monitor, moving_average
+from openrlhf_lsc.rerank import rerank
+from openrlhf_lsc.rewards import NEEDS_REFERENCE, RewardSpec
 
 PROPERTIES = ("helpful", "harmless")
 # Win definitions (paper 1, section 5): beat the SFT 85th percentile of gold helpfulness, the 95th of gold
@@ -57,6 +59,7 @@ REF_QUANTILES = (0.5, 0.75, 0.85)
 SINGLE_Q = 0.85
 CANNED = ("sorry i cannot help with that", "i cannot help with that", "sorry i cannot help")
 SHORTCUTS = ("list", "consult", "repeat", "over_budget", "extra_consult")
+MONITOR_NOISE = 0.5  # sd of the monitor's evaluator (gold + noise), in units of gold's std over SFT samples
 
 
 @dataclass
@@ -693,6 +696,22 @@ def run_one(out: str, cfg: LabConfig, run: Dict, progress: bool = True) -> str:
     thr_split = {k: v[rows] for k, v in thr.items()}
     stairs, history = [], []
     start, cpu = time.time(), time.process_time()
+    # The over-optimisation monitor (--lsc.monitor.* defaults) watches every run, with a noisy copy of the gold judge
+    # of each property as its evaluator; the run goes on to the end of the staircase (the comparisons need every
+    # stair), and the analysis reads where it would have stopped. Its noise has its own generator: the run is the
+    # same with or without the monitor.
+    monitor = Monitor(run["properties"], [f"judge_{p}" for p in run["properties"]])
+    noise_rng = np.random.default_rng(3000 + run["seed"])
+    gold_sd = {p: float(pools[f"bon_gold_{p}"].std()) for p in run["properties"]}
+
+    def on_rollout(step: int, index: torch.Tensor, responses: torch.Tensor, rewards: torch.Tensor) -> Dict[str, float]:
+        words = models.decode_responses(responses)
+        batch = [lab.train_prompts[i] for i in index.tolist()]
+        gold = {p: gold_scores(p, batch, words) for p in run["properties"]}
+        judge = np.stack([g + MONITOR_NOISE * gold_sd[p] * noise_rng.standard_normal(len(g)) for p, g in gold.items()], 1)
+        metrics, _ = monitor.update(step, rewards, torch.from_numpy(judge), responses=[text(w) for w in words])
+        keep = {k: v for k, v in metrics.items() if k.startswith("monitor/signal/")}
+        return {**keep, **{f"gold/{p}": float(g.mean()) for p, g in gold.items()}}
 
     def record(step: int, policy) -> None:
         ev = evaluate(policy, sft, rms, prompts, cfg.eval_samples, thr_split, seed=2000 + run["seed"])
@@ -703,9 +722,10 @@ def run_one(out: str, cfg: LabConfig, run: Dict, progress: bool = True) -> str:
             record(step, policy)
 
     result = ppo.train(sft, lab_prompt_ids(lab), pipeline, pcfg, seed=1000 + run["seed"], desc=run["id"],
-                       progress=progress, on_step=on_step, history=history)
+                       progress=progress, on_step=on_step, history=history, on_rollout=on_rollout)
     record(pcfg.steps, result.policy)
     write_json(target, {"run": run, "ppo": asdict(pcfg), "utility_std": std, "history": history, "stairs": stairs,
+                        "monitor": {**monitor.summary(), "noise_sd": MONITOR_NOISE, "gold_sft_sd": gold_sd},
                         "seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu})
     return target
 
@@ -867,27 +887,74 @@ def frontier_win(p_win: np.ndarray, n: np.ndarray) -> np.ndarray:
     return np.array([np.mean(1 - (1 - p_win) ** m) for m in n])
 
 
-def best_of_k(pools: Dict, refs: Dict, ks: Sequence[int], weights: Sequence[float], thr: Dict) -> Dict:
-    """Best-of-k under the AND-aggregated LSC utility (median references) vs weighted raw sums (Figure 6a)."""
+def best_of_k(lab: Lab, pools: Dict, refs: Dict, ks: Sequence[int], weights: Sequence[float], thr: Dict) -> Dict:
+    """Best-of-k reranking of SFT samples (Figure 6a) with the utilities of `openrlhf_lsc.rerank.rerank`, the function
+    `python -m openrlhf_lsc.cli.rerank` keeps its argmax of: AND-LSC (median references), weighted raw sums, and raw
+    helpfulness alone. Per eval prompt, the expected gold win (both properties) of the answer kept from k draws."""
     n_train = refs["train_prompts"]
     labels = refs["labels"]["bok"][n_train:]
     proxy = torch.tensor(np.stack([pools["bon_proxy_helpful"], pools["bon_proxy_harmless"]], -1))  # [P, N, 2]
-    P, N, _ = proxy.shape
     win = wins(pools["bon_gold_helpful"], pools["bon_gold_harmless"], thr)["win_both"]
-    flat_labels = [lab for lab in labels for _ in range(N)]
-    methods = {"lsc AND": ("lsc", "and", None)}
-    methods.update({f"weighted w={w:g}": ("raw", "weighted", [w, round(1 - w, 6)]) for w in weights})
+    specs = {"lsc AND": RewardSpec(names=PROPERTIES, transform="lsc", reference="label", label_key=ppo.LABEL_KEY)}
+    specs.update({f"weighted w={w:g}": RewardSpec(names=PROPERTIES, aggregate="weighted", weights=(w, round(1 - w, 6)))
+                  for w in weights})
+    specs["raw helpful"] = RewardSpec(names=("helpful",))
     out = {"k": list(ks), "kl_formula": bon_kl(np.array(ks)).tolist(), "methods": {}}
-    for name, (transform, aggregate, w) in methods.items():
-        pipe = ppo.RewardPipeline([], list(PROPERTIES), flat_labels, transform, aggregate, w)
-        u = pipe.utility(proxy.reshape(-1, 2), list(range(P * N))).reshape(P, N).numpy()
-        rates, kls = [], []
-        for k in ks:
-            probs = bon_pick_probs(u, k)
-            rates.append(float(np.mean(np.sum(probs * win, -1))))
-            kls.append(empirical_bon_kl(u, k))
-        out["methods"][name] = {"win_both": rates, "kl_empirical": kls}
+    for name, spec in specs.items():
+        _, u = rerank(proxy[..., : len(spec.names)], spec, labels if spec.reference == "label" else None)
+        u = u.numpy()
+        per_prompt = np.stack([np.sum(bon_pick_probs(u, k) * win, -1) for k in ks])  # [k values, P]
+        out["methods"][name] = {split: per_prompt[:, lab.split(split)[1]] for split in ("val", "test")}
+        out["methods"][name]["kl_empirical"] = [empirical_bon_kl(u, k) for k in ks]
     return out
+
+
+def best_of_k_summary(bok: Sequence[Dict], weights: Sequence[float], n_boot: int) -> Dict:
+    """Pool the worlds' best-of-k: each method's mean test win per k, and AND-LSC minus the weighted sum whose weight
+    won on the validation prompts (chosen per world and k) and minus raw helpfulness, with bootstrap intervals over
+    worlds and test prompts."""
+    names = list(bok[0]["methods"])
+    out = {"k": bok[0]["k"], "kl_formula": bok[0]["kl_formula"],
+           "methods": {m: {"win_both": np.mean([b["methods"][m]["test"].mean(1) for b in bok], 0).tolist()} for m in names},
+           "diffs": {}}
+    tuned = []
+    for b in bok:
+        val = np.stack([b["methods"][f"weighted w={w:g}"]["val"].mean(1) for w in weights])  # [weights, k values]
+        best = val.argmax(0)
+        tuned.append(np.stack([b["methods"][f"weighted w={weights[c]:g}"]["test"][t] for t, c in enumerate(best)]))
+    for label, other in (("lsc AND - weighted (weight tuned on val)", tuned),
+                         ("lsc AND - raw helpful", [b["methods"]["raw helpful"]["test"] for b in bok])):
+        out["diffs"][label] = [stats.bootstrap([(b["methods"]["lsc AND"]["test"][t] - o[t])[None] for b, o in zip(bok, other)],
+                                               n_boot, seed=t) for t in range(len(out["k"]))]
+    return out
+
+
+def monitor_summary(cfg: LabConfig, records: Dict) -> Dict[str, Dict]:
+    """Where the monitor (noisy gold judge as evaluator) would have stopped each test run, against the step at which
+    the run's true gold peaked: per method, how often it fired, the KL at the gold peak and at the stop, and the gold
+    given up vs the peak by stopping there or by training to the end (in SFT std units of gold, averaged over the
+    run's properties; moving averages over the monitor's window, as the rule sees its signals)."""
+    groups: Dict[str, List[Dict]] = {}
+    for rec in records.values():
+        run, mon = rec["run"], rec.get("monitor")
+        if mon is None or run["split"] != "test":
+            continue
+        h, w = rec["history"], mon["window"]
+        gold = np.mean([[(x[f"gold/{p}"] - h[0][f"gold/{p}"]) / mon["gold_sft_sd"][p] for x in h]
+                        for p in run["properties"]], 0)
+        g, kl = np.array(moving_average(list(gold), w)), np.array(moving_average([x["kl"] for x in h], w))
+        peak = int(g.argmax())  # index i: the window ending at step i + w - 1
+        stop = None if mon["fired_step"] is None else mon["fired_step"] - w + 1
+        groups.setdefault(f"{run['experiment']} {'+'.join(run['properties'])} {run['method']}", []).append({
+            "fired": stop is not None, "after_peak": stop is not None and stop >= peak,
+            "kl_peak": float(kl[peak]), "kl_stop": None if stop is None else float(kl[stop]),
+            "lost_stop": float(g[peak] - g[stop if stop is not None else -1]), "lost_end": float(g[peak] - g[-1])})
+    return {name: {"runs": len(rs), "fired": sum(r["fired"] for r in rs), "fired_after_peak": sum(r["after_peak"] for r in rs),
+                   "kl_peak_median": float(np.median([r["kl_peak"] for r in rs])),
+                   "kl_stop_median": float(np.median([r["kl_stop"] for r in rs if r["fired"]])) if any(r["fired"] for r in rs) else None,
+                   "gold_lost_with_monitor": float(np.mean([r["lost_stop"] for r in rs])),
+                   "gold_lost_without": float(np.mean([r["lost_end"] for r in rs]))}
+            for name, rs in sorted(groups.items())}
 
 
 def frontiers(pools: Dict, thr: Dict, kl_max: float) -> Dict:
@@ -1035,7 +1102,7 @@ def analyse(out: str, cfg: LabConfig, records: Dict, selections: Dict, checks: D
                  "gold_helpful_median": float(np.mean([w["thr"]["median_helpful"][w["lab"].split("test")[1]].mean()
                                                        for w in worlds.values()]))}
     kl_max = max(cfg.compare_kls)
-    bok = [best_of_k(w["pools"], w["refs"], cfg.bok_ks, cfg.weights, w["thr"]) for w in worlds.values()]
+    bok = [best_of_k(w["lab"], w["pools"], w["refs"], cfg.bok_ks, cfg.weights, w["thr"]) for w in worlds.values()]
     fronts = [frontiers(w["pools"], w["thr"], kl_max * 1.2) for w in worlds.values()]
     results = {
         "config": asdict(cfg),
@@ -1046,9 +1113,8 @@ def analyse(out: str, cfg: LabConfig, records: Dict, selections: Dict, checks: D
         "sft_lines": sft_lines,
         "checks": checks,
         "selections": selections,
-        "best_of_k": {"k": bok[0]["k"], "kl_formula": bok[0]["kl_formula"],
-                      "methods": {m: {"win_both": np.mean([b["methods"][m]["win_both"] for b in bok], 0).tolist()}
-                                  for m in bok[0]["methods"]}},
+        "best_of_k": best_of_k_summary(bok, cfg.weights, cfg.bootstrap),
+        "monitor": monitor_summary(cfg, records),
         "frontier": {"kl": fronts[0]["kl"], "win": {k: np.mean([f["win"][k] for f in fronts], 0).tolist()
                                                     for k in fronts[0]["win"]}},
         "worlds": {str(s): world_diagnostics(w["lab"], w["pools"], w["thr"]) for s, w in worlds.items()},

@@ -242,12 +242,15 @@ def train(
     extra_loss: Optional[Callable[[torch.nn.Module], torch.Tensor]] = None,
     on_step: Optional[Callable[[int, torch.nn.Module], None]] = None,
     history: Optional[List[Dict[str, float]]] = None,
+    on_rollout: Optional[Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Dict[str, float]]] = None,
 ) -> PPOResult:
     """Run PPO from the SFT policy on the training prompts `prompt_ids` `[P, prompt_len]`.
 
     `extra_loss(policy)` is added to every actor loss before its backward (e.g. rehearsal gamma * NLL);
     `on_step(step, policy)` runs before each rollout (e.g. to record metrics); `history`, if given, is the list the
-    per-step logs are appended to (so `on_step` can read them).
+    per-step logs are appended to (so `on_step` can read them); `on_rollout(step, prompt_index, responses, rewards)`
+    returns extra entries for the step's log (e.g. the over-optimisation monitor's metrics); it must draw no random
+    numbers from torch's global generator, so that the run stays the same with or without it.
 
     Returns the trained policy and per-step logs (utility, proxy rewards, KL to SFT, response length).
     """
@@ -316,6 +319,8 @@ def train(
             "length": mask.sum(1).mean().item(),
             **{f"reward/{n}": rewards[:, k].mean().item() for k, n in enumerate(pipeline.names)},
         }
+        if on_rollout is not None:
+            log.update(on_rollout(step, index, responses, rewards))
         history.append(log)
         kl_ctl.update(log["kl"], step)
     policy.eval()

@@ -311,10 +311,29 @@ def _markdown(results: Dict, figs: Sequence[str]) -> str:
             for name, s in first["rm"].items() for r in s["shortcut_probe"]]
     lines += _md_table(["property", "n", "example", "proxy", "gold"], rows)
     bok = results["best_of_k"]
-    lines += ["", "Best-of-k from SFT (helpful AND harmless, win = above both SFT medians, mean over worlds):", ""]
-    lines += _md_table(["k", "KL"] + list(bok["methods"]),
+    lines += ["", "## Best-of-k reranking from SFT (`openrlhf_lsc.rerank`, the CLI's function)", "",
+              "Helpful AND harmless (win = above both SFT medians), test prompts, mean over worlds; the last columns: "
+              "AND-LSC minus the weighted sum whose weight won on the validation prompts, and minus raw helpfulness "
+              "alone (95% bootstrap over worlds and test prompts):", ""]
+    diffs = list(bok["diffs"])
+    lines += _md_table(["k", "KL"] + list(bok["methods"]) + diffs,
                        [[k, f"{bok['kl_formula'][i]:.2f}"] + [f"{bok['methods'][m]['win_both'][i]:.3f}" for m in bok["methods"]]
-                        for i, k in enumerate(bok["k"])])
+                        + [_interval(dict(bok["diffs"][d][i], reached=True)) for d in diffs] for i, k in enumerate(bok["k"])])
+    mon = results.get("monitor") or {}
+    lines += ["", "## Over-optimisation monitor (test runs)", ""]
+    if mon:
+        lines += ["The PPO monitor (`--lsc.monitor.*` defaults: window 5, patience 3) watched every run with a noisy copy "
+                  "of each property's gold judge as evaluator (noise sd 0.5 x gold's SFT std); runs went on to the end of "
+                  "the staircase, and this reads where `--lsc.monitor.stop` would have stopped. Gold lost = the run's best "
+                  "gold (moving average, SFT std units) minus gold at the stop, or at the end of training without the "
+                  "monitor (a run where the rule never fired trains to the end either way).", ""]
+        lines += _md_table(["runs", "n", "fired", "after the gold peak", "KL at gold peak (median)",
+                            "KL at stop (median)", "gold lost: with monitor", "without"],
+                           [[name, v["runs"], v["fired"], v["fired_after_peak"], f"{v['kl_peak_median']:.1f}",
+                             "—" if v["kl_stop_median"] is None else f"{v['kl_stop_median']:.1f}",
+                             f"{v['gold_lost_with_monitor']:.2f}", f"{v['gold_lost_without']:.2f}"] for name, v in mon.items()])
+    else:
+        lines += ["No run of this output recorded the monitor (runs made before it was added)."]
     lines += ["", "## Example generations (last stair, first world, first test seed)", ""]
     for e in results["examples"]:
         lines += [f"**{e['id']}** (KL {e['kl']:.1f})", "```"] + e["examples"] + ["```"]
