@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import List, Optional
 
 from openrlhf_lsc.integration import StockCLI
+from openrlhf_lsc.integration.rehearsal import check_config
 from openrlhf_lsc.monitor import Monitor, check_evaluators
 from openrlhf_lsc.rewards import AGGREGATES, REFERENCES, TRANSFORMS, RewardSpec
 
@@ -138,15 +139,7 @@ def resolve(flat: dict, args, rewards: bool = True) -> SimpleNamespace:
     reh = lsc.rehearsal
     if reh.dataset:
         check_exists(reh.dataset, "--lsc.rehearsal.dataset")
-        if not (math.isfinite(reh.coef) and reh.coef >= 0):
-            raise ValueError(f"--lsc.rehearsal.coef must be a finite number >= 0, got {reh.coef}")
-        if reh.micro_batch_size < 1:
-            raise ValueError(f"--lsc.rehearsal.micro_batch_size must be >= 1, got {reh.micro_batch_size}")
-        if reh.max_len is not None and reh.max_len < 3:
-            raise ValueError(f"--lsc.rehearsal.max_len must be >= 3 tokens, got {reh.max_len}")
-        for key in ("input_key", "output_key"):
-            if not getattr(reh, key).strip():
-                raise ValueError(f"--lsc.rehearsal.{key} must name a dataset field, got an empty string")
+        check_config(reh)
         if args.ds.ring_attn_size > 1:
             raise ValueError("--lsc.rehearsal.dataset does not support ring attention: drop --ds.ring_attn_size "
                              f"{args.ds.ring_attn_size} (rehearsal's forward is not sharded over a ring group)")

@@ -79,15 +79,17 @@ def rehearsal_config(args: Any) -> Optional[SimpleNamespace]:
 
 
 def check_config(cfg: SimpleNamespace) -> None:
-    """Raise ValueError naming the flag when a `--lsc.rehearsal.*` value is out of range."""
+    """Raise ValueError naming the flag when a `--lsc.rehearsal.*` value is out of range (the plugin CLI calls it at
+    parse time; the actors again, for launches of a patched OpenRLHF that skip the plugin CLI)."""
     if not (math.isfinite(cfg.coef) and cfg.coef >= 0):
         raise ValueError(f"--lsc.rehearsal.coef must be a finite number >= 0, got {cfg.coef}")
     if cfg.micro_batch_size < 1:
         raise ValueError(f"--lsc.rehearsal.micro_batch_size must be >= 1, got {cfg.micro_batch_size}")
     if cfg.max_len is not None and cfg.max_len < 3:
         raise ValueError(f"--lsc.rehearsal.max_len must be >= 3 tokens, got {cfg.max_len}")
-    if not cfg.input_key or not cfg.output_key:
-        raise ValueError("--lsc.rehearsal.input_key and --lsc.rehearsal.output_key must be non-empty field names")
+    for key in ("input_key", "output_key"):
+        if not getattr(cfg, key).strip():
+            raise ValueError(f"--lsc.rehearsal.{key} must name a dataset field, got an empty string")
 
 
 class RehearsalStream:
