@@ -258,6 +258,14 @@ def test_score_error_on_every_prompt_fails_each_and_other_exceptions_propagate()
     with pytest.raises(RuntimeError, match="bug in the reward fn"):
         estimate.score_prompts(["a", "b"], sampler_of(2), {"h": broken}, {"h": "quantile"}, 2, [0.5])
 
+    def short_alone(prompts, responses):  # after the retry, a prompt's call answering too few scores is still a bug
+        if len(prompts) > 2:
+            raise estimate.ScoreError("batch too large")
+        return [0.0]
+
+    with pytest.raises(ValueError, match=r"^reward model 'h' returned 1 scores for 2 responses$"):
+        estimate.score_prompts(["a", "b"], sampler_of(2), {"h": short_alone}, {"h": "quantile"}, 2, [0.5])
+
 def test_default_canned_responses_are_refusals():
     assert len(estimate.CANNED_RESPONSES) == 5 and len(set(estimate.CANNED_RESPONSES)) == 5
     for text in estimate.CANNED_RESPONSES:
@@ -551,6 +559,10 @@ def test_estimate_references_defaults():
     assert default == run(seed=0, holdout=0.1) and default != run(seed=1)
     assert default[1]["rms"]["h"]["learned"]["holdout_prompts"] == 1
     assert run(holdout=0.5)[1]["rms"]["h"]["learned"]["holdout_prompts"] == 5
+    every = lambda seed: estimate.estimate_references(  # noqa: E731  every prompt sampled: the seed picks the holdout only
+        [f"p{i}" for i in range(n)], sampler_of(4), {"h": table_rm(table)}, method="learned", k=4, features=X, seed=seed)
+    assert every(0) != every(1)
+    assert every(1)[1]["rms"]["h"]["learned"]["holdout_mae"] != every(0)[1]["rms"]["h"]["learned"]["holdout_mae"]
 
 
 def test_estimate_references_spreads_and_checks_per_model_settings():
@@ -613,9 +625,12 @@ class _LM:
         return torch.tensor(rows)
 
 
-@pytest.mark.parametrize("eos, expected", [(None, [2]), (2, [2]), (7, [2, 7]), ([9, 2, 5, 9], [2, 5, 9])])
+@pytest.mark.parametrize("eos, expected", [(None, [2]), ("unset", [2]), (2, [2]), (7, [2, 7]), ([9, 2, 5, 9], [2, 5, 9])])
 def test_sampler_stops_at_the_union_of_the_configs_and_the_tokenizers_eos(eos, expected):
-    sampler = estimate.HFSampler(_LM(eos, []), _Tok(), max_new_tokens=4)
+    lm = _LM(eos, [])
+    if eos == "unset":  # a generation config without the attribute at all
+        lm.generation_config = type("GC", (), {})()
+    sampler = estimate.HFSampler(lm, _Tok(), max_new_tokens=4)
     assert sampler.eos == expected
     for e in expected:  # cut after the first EOS of any kind, which is kept
         assert sampler.decode([11, e, 12, 2]) == f"11|{e}"
@@ -657,3 +672,5 @@ def test_sampler_without_max_len_keeps_whole_prompts_and_checks_its_settings():
         with pytest.raises(ValueError, match=rf"^--rollout.temperature must be > 0 to draw k different samples, got {bad}$"):
             estimate.HFSampler(lm, tok, max_new_tokens=2, temperature=bad)
     assert estimate.HFSampler(lm, tok, max_new_tokens=2, temperature=1e-3).temperature == 1e-3
+    default = estimate.HFSampler(lm, tok, max_new_tokens=2)  # OpenRLHF's --rollout.* defaults
+    assert (default.temperature, default.top_p, default.batch_size, default.max_prompt) == (1.0, 1.0, 8, None)
