@@ -270,6 +270,7 @@ def test_best_of_k_goes_through_rerank_and_tunes_the_weight_on_validation(lab):
     s = ex.best_of_k_summary([fake], [0.2, 0.8], 200)
     assert s["methods"]["lsc AND"]["win_both"] == pytest.approx([0.5, 0.8])
     tuned = s["diffs"]["lsc AND - weighted (weight tuned on val)"]
-    assert tuned[1]["mean"] == pytest.approx(0.7) and tuned[0] == {"mean": 0.0, "lo": 0.0, "hi": 0.0}  # w=0.2 won val
+    assert tuned[1]["mean"] == pytest.approx(0.7) and tuned[0] == {"mean": 0.0, "lo": 0.0, "hi": 0.0}
+    assert s["tuned_weight"] == [[0.2, 0.2]]  # a tie at k = 1 goes to the first weight; w = 0.2 won val at k = 2
     raw = s["diffs"]["lsc AND - raw helpful"][1]
     assert raw["mean"] == pytest.approx(0.0) and raw["lo"] == pytest.approx(-0.1) and raw["hi"] == pytest.approx(0.1)

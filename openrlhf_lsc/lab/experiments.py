@@ -917,11 +917,12 @@ def best_of_k_summary(bok: Sequence[Dict], weights: Sequence[float], n_boot: int
     out = {"k": bok[0]["k"], "kl_formula": bok[0]["kl_formula"],
            "methods": {m: {"win_both": np.mean([b["methods"][m]["test"].mean(1) for b in bok], 0).tolist()} for m in names},
            "diffs": {}}
-    tuned = []
+    tuned, out["tuned_weight"] = [], []
     for b in bok:
         val = np.stack([b["methods"][f"weighted w={w:g}"]["val"].mean(1) for w in weights])  # [weights, k values]
         best = val.argmax(0)
         tuned.append(np.stack([b["methods"][f"weighted w={weights[c]:g}"]["test"][t] for t, c in enumerate(best)]))
+        out["tuned_weight"].append([weights[c] for c in best])  # per world, per k
     for label, other in (("lsc AND - weighted (weight tuned on val)", tuned),
                          ("lsc AND - raw helpful", [b["methods"]["raw helpful"]["test"] for b in bok])):
         out["diffs"][label] = [stats.bootstrap([(b["methods"]["lsc AND"]["test"][t] - o[t])[None] for b, o in zip(bok, other)],

@@ -314,11 +314,12 @@ def _markdown(results: Dict, figs: Sequence[str]) -> str:
     lines += ["", "## Best-of-k reranking from SFT (`openrlhf_lsc.rerank`, the CLI's function)", "",
               "Helpful AND harmless (win = above both SFT medians), test prompts, mean over worlds; the last columns: "
               "AND-LSC minus the weighted sum whose weight won on the validation prompts, and minus raw helpfulness "
-              "alone (95% bootstrap over worlds and test prompts):", ""]
+              "alone (95% bootstrap over worlds and test prompts); the weights chosen per world:", ""]
     diffs = list(bok["diffs"])
-    lines += _md_table(["k", "KL"] + list(bok["methods"]) + diffs,
+    lines += _md_table(["k", "KL"] + list(bok["methods"]) + diffs + ["weight chosen"],
                        [[k, f"{bok['kl_formula'][i]:.2f}"] + [f"{bok['methods'][m]['win_both'][i]:.3f}" for m in bok["methods"]]
-                        + [_interval(dict(bok["diffs"][d][i], reached=True)) for d in diffs] for i, k in enumerate(bok["k"])])
+                        + [_interval(dict(bok["diffs"][d][i], reached=True)) for d in diffs]
+                        + [", ".join(f"{w[i]:g}" for w in bok["tuned_weight"])] for i, k in enumerate(bok["k"])])
     mon = results.get("monitor") or {}
     lines += ["", "## Over-optimisation monitor (test runs)", ""]
     if mon:
