@@ -320,6 +320,18 @@ def test_ridge_leave_one_out_at_the_grid_ends_and_ties():
     assert alpha == 5.0 and w.tolist() == [0.0, 0.0] and b == 2.5
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_ridge_leave_one_out_choice_on_small_samples(seed):
+    """Small n, where the leverage's intercept term 1/n moves the leave-one-out errors most: the chosen penalty is the
+    brute-force minimiser (refitting slope and intercept without each point) on every one of these samples."""
+    rng = np.random.default_rng(100 + seed)
+    n = 4 + seed % 4
+    X = rng.normal(size=(n, 2))
+    y = X @ rng.normal(size=2) + rng.normal(size=n) * (0.3 + seed % 3)
+    alphas = list(np.geomspace(1e-3, 1e3, 31))
+    assert estimate.ridge(torch.tensor(X), torch.tensor(y), alphas)[2] == min(alphas, key=lambda a: _loo(X, y, a))
+
+
 # ------------------------------------------------------------------------------------- GaussianPredictor
 
 
@@ -353,6 +365,28 @@ def test_gaussian_predictor_against_an_independent_fit():
     np.testing.assert_allclose(mu.numpy(), mu_ref, rtol=1e-8)
     np.testing.assert_allclose(sigma.numpy(), sigma_ref, rtol=1e-8)
     assert torch.isfinite(sigma).all() and (sigma > 0).all()
+
+
+def test_gaussian_predictor_computes_in_float64_whatever_it_is_given():
+    """Features from an encoder come as float32 tensors, tables as Python lists: the fit and the predictions are those
+    of the float64 values (a float32 computation would be off by ~1e-7, a float32 copy of a list by ~1e-8)."""
+    rng = np.random.default_rng(8)
+    X = rng.normal(size=(20, 3)).astype(np.float32).astype(np.float64)  # exact in float32
+    mean, std = X @ [0.1, 0.2, 0.3] + 0.1 * rng.normal(size=20), np.exp(0.1 * rng.normal(size=20))
+    ref = estimate.GaussianPredictor().fit(torch.tensor(X), torch.tensor(mean), torch.tensor(std))
+    mu_ref, sigma_ref = ref.predict(torch.tensor(X))
+    for fit_args in ((torch.tensor(X, dtype=torch.float32), torch.tensor(mean), torch.tensor(std)),
+                     (X.tolist(), mean.tolist(), std.tolist())):
+        model = estimate.GaussianPredictor().fit(*fit_args)
+        for X_new in (torch.tensor(X, dtype=torch.float32), X.tolist()):
+            mu, sigma = model.predict(X_new)
+            assert mu.dtype == sigma.dtype == torch.float64
+            np.testing.assert_allclose(mu.numpy(), mu_ref.numpy(), rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(sigma.numpy(), sigma_ref.numpy(), rtol=1e-12)
+    # a list of floats that float32 would round: predictions from the list equal those from the float64 tensor
+    X_fine = X + 1e-9
+    np.testing.assert_allclose(ref.predict(X_fine.tolist())[0].numpy(), ref.predict(torch.tensor(X_fine))[0].numpy(),
+                               rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("signal", [0.0, 1.0])
@@ -421,6 +455,16 @@ def test_finish_labels_and_report_exactly():
         "c": {"method": "canned", "q": None, "prompts": 3, "with_reference": 1, "errors": 2, "coverage": 1 / 3,
               "reference": {"mean": 1.5, "std": 0.0, "min": 1.5, "max": 1.5}},
     }}
+
+
+def test_finish_keeps_references_in_float64_and_reads_an_error_without_retry_as_retryable():
+    refs = [0.1, 0.2, 0.7000000001]  # not exact in float32
+    labels, report = estimate.finish([{"h": {"canned_scores": [r]}} for r in refs] + [{"h": {"error": "old shard"}}],
+                                     {"h": "canned"}, {})
+    summary = report["rms"]["h"]["reference"]
+    assert summary == {"mean": np.mean(refs), "std": pytest.approx(np.std(refs, ddof=1), rel=1e-14),
+                       "min": 0.1, "max": 0.7000000001}
+    assert labels[3]["h"]["retry"] is True  # records written before `retry` existed: scoring again may succeed
 
 
 def test_finish_single_record_and_no_references():
