@@ -154,9 +154,21 @@ def test_gaussian_reference_against_scipy(q):
     assert ref.dtype == torch.float64
     np.testing.assert_allclose(ref.numpy(), mean.numpy() + stats.norm.ppf(q) * std.numpy(), rtol=1e-12, atol=1e-12)
     assert gaussian_reference(1.0, 2.0, q).item() == pytest.approx(1.0 + 2.0 * stats.norm.ppf(q), rel=1e-12, abs=1e-12)
+    # Python floats (the estimator's sample statistics) are read as float64, not rounded to float32 first
+    assert gaussian_reference(7 / 3, 0.1, q).item() == pytest.approx(7 / 3 + 0.1 * stats.norm.ppf(q), rel=1e-14, abs=0)
 
 
 @pytest.mark.parametrize("q", [0.0, 1.0, -0.1, 1.5])
 def test_gaussian_reference_refuses_q_outside_zero_one(q):
     with pytest.raises(ValueError, match=rf"^quantile q must be in \(0, 1\), got {q}$"):
         gaussian_reference(0.0, 1.0, q)
+
+
+def test_references_are_float32_even_under_a_float64_default_dtype():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        refs = references_from_labels([{"rm": {"reference": 0.1}}], ["rm"], "ref")
+    finally:
+        torch.set_default_dtype(previous)
+    assert refs.dtype == torch.float32 and refs.item() == np.float32(0.1)

@@ -337,3 +337,12 @@ def test_pipeline_label_references_repeat_per_prompt():
 def test_pipeline_refusals_word_for_word(call, message):
     with pytest.raises(ValueError, match=message):
         call(RewardSpec(names=("a", "b")))
+
+
+def test_transform_defaults_to_lsc_and_promotes_to_a_float64_scalar_reference():
+    r = torch.tensor([0.3, -1.7, 2.9])  # float32
+    ref = torch.tensor(0.1, dtype=torch.float64)  # one float64 reference for all: the margin is computed in float64
+    expected = torch.nn.functional.logsigmoid(r.double() - 0.1)
+    for u in (transform_reward(r, ref), transform_reward(r, ref, "lsc")):
+        assert u.dtype == torch.float64 and torch.equal(u, expected)
+    assert torch.equal(transform_reward(r, ref, "center"), r.double() - 0.1)
