@@ -139,19 +139,12 @@ def _read_canned(path: str) -> List[str]:
     return texts
 
 
-def check_args(args) -> SimpleNamespace:
-    """Every cross-flag and path check, before anything loads; returns what they derive."""
-    from openrlhf_lsc import embed, estimate
+def check_sampling_and_scoring(args, names: List[str], sampling: bool) -> Dict[str, ServeRMClient]:
+    """The checks of the flags this tool shares with the rerank CLI (prompts, policy, reward models, placement).
 
-    names = rm_names(args.rm.paths, args.rm.names)
-    methods = estimate.per_rm(args.ref.method, names, "--ref.method")
-    qs = estimate.per_rm(args.ref.q, names, "--ref.q")
-    levels = estimate.check_settings(methods, qs, args.ref.k, args.ref.quantiles)
-    sampling = [n for n in names if methods[n] != "canned"]
-    direct = [n for n in names if methods[n] in ("quantile", "gaussian")]
-    if args.learned.num_prompts is not None and (direct or "learned" not in methods.values()):
-        raise ValueError(f"--learned.num_prompts samples a subset for method learned, but reward models {direct or names} "
-                         "use other methods; drop it")
+    Returns:
+        reward-model name -> `ServeRMClient` for the `--rm.paths` that are URLs.
+    """
     if sampling and args.data.max_len <= args.rollout.max_new_tokens:
         raise ValueError(f"--data.max_len {args.data.max_len} leaves no room for a prompt with "
                          f"--rollout.max_new_tokens {args.rollout.max_new_tokens}")
@@ -176,6 +169,23 @@ def check_args(args) -> SimpleNamespace:
             f"local reward models {local} on: set --rm.num_actors >= 1 to score them in Ray actors (or serve them "
             "with serve_rm and pass URLs)"
         )
+    return clients
+
+
+def check_args(args) -> SimpleNamespace:
+    """Every cross-flag and path check, before anything loads; returns what they derive."""
+    from openrlhf_lsc import embed, estimate
+
+    names = rm_names(args.rm.paths, args.rm.names)
+    methods = estimate.per_rm(args.ref.method, names, "--ref.method")
+    qs = estimate.per_rm(args.ref.q, names, "--ref.q")
+    levels = estimate.check_settings(methods, qs, args.ref.k, args.ref.quantiles)
+    sampling = [n for n in names if methods[n] != "canned"]
+    direct = [n for n in names if methods[n] in ("quantile", "gaussian")]
+    if args.learned.num_prompts is not None and (direct or "learned" not in methods.values()):
+        raise ValueError(f"--learned.num_prompts samples a subset for method learned, but reward models {direct or names} "
+                         "use other methods; drop it")
+    clients = check_sampling_and_scoring(args, names, bool(sampling))
     canned = _read_canned(args.ref.canned) if args.ref.canned else None
     if canned is not None and "canned" not in methods.values():
         raise ValueError("--ref.canned is only used by --ref.method canned")

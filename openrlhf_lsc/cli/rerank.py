@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
@@ -30,16 +29,15 @@ from typing import Any, Dict, List, Optional
 import torch
 from tqdm import tqdm
 
-from openrlhf_lsc.cli.common import (
-    Parser, check_dataset, check_model, check_output_dir, check_reward_model, check_template, guard, integer, listed,
-    number, publish, unpublish,
+from openrlhf_lsc.cli.common import Parser, check_output_dir, guard, integer, listed, number, publish, unpublish
+from openrlhf_lsc.cli.estimate_reference import (
+    _flatten, _reward_fn, _sampler, check_sampling_and_scoring, rm_names, write_atomic,
 )
-from openrlhf_lsc.cli.estimate_reference import _flatten, _reward_fn, _sampler, is_url, rm_names, write_atomic
 from openrlhf_lsc.estimate import ScoreError
 from openrlhf_lsc.references import references_from_labels
 from openrlhf_lsc.rerank import rerank
 from openrlhf_lsc.rewards import AGGREGATES, REFERENCES, TRANSFORMS, RewardSpec
-from openrlhf_lsc.serve_rm import RewardServerError, ServeRMClient
+from openrlhf_lsc.serve_rm import RewardServerError
 
 TOOL = "rerank"
 # Settings that change speed, error handling or only the reranking of stored scores, not what the shards hold.
@@ -111,30 +109,7 @@ def check_args(args) -> SimpleNamespace:
     spec = reward_spec(args, names)
     if spec.reference == "group" and args.rerank.k < 2:
         raise ValueError(f"--rerank.k must be >= 1 (>= 2 for --lsc.reference group), got {args.rerank.k}")
-    if args.data.max_len <= args.rollout.max_new_tokens:
-        raise ValueError(f"--data.max_len {args.data.max_len} leaves no room for a prompt with "
-                         f"--rollout.max_new_tokens {args.rollout.max_new_tokens}")
-    check_dataset("--data.prompt_dataset", args.data.prompt_dataset)
-    check_template("--data.input_template", args.data.input_template)
-    if args.data.input_template and args.data.apply_chat_template:
-        raise ValueError("--data.input_template and --data.apply_chat_template both format prompts; give one")
-    check_model("--actor.model_name_or_path", args.actor.model_name_or_path)
-    clients = {}
-    for name, path in zip(names, args.rm.paths):
-        if is_url(path):
-            try:
-                clients[name] = ServeRMClient(path, name, args.rm.batch_size, args.rm.timeout, args.rm.retries)
-            except ValueError as e:
-                raise ValueError(f"--rm.paths: {e}") from None
-        else:
-            check_reward_model("--rm.paths", path, args.ds.value_head_prefix)
-    local = [n for n in names if n not in clients]
-    if args.vllm.num_engines > 0 and local and args.rm.num_actors == 0:
-        raise ValueError(
-            f"--vllm.num_engines {args.vllm.num_engines} puts vLLM engines on the GPUs this process would load the "
-            f"local reward models {local} on: set --rm.num_actors >= 1 to score them in Ray actors (or serve them "
-            "with serve_rm and pass URLs)"
-        )
+    clients = check_sampling_and_scoring(args, names, sampling=True)
     check_output_dir("--output.dir", args.output.dir)
     return SimpleNamespace(names=names, spec=spec, clients=clients)
 

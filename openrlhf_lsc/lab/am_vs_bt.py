@@ -32,7 +32,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from openrlhf_lsc.am_loss import AdvantageModelLoss, pairwise_metrics  # noqa: E402
 from openrlhf_lsc.lab import experiments as ex  # noqa: E402
-from openrlhf_lsc.lab import models, ppo, world  # noqa: E402
+from openrlhf_lsc.lab import models, ppo  # noqa: E402
 
 TASKS = {"code": ("code", "bike", "home", "money"), "qa": ("cooking", "garden", "travel", "health")}
 TASK_OF = {topic: task for task, topics in TASKS.items() for topic in topics}
