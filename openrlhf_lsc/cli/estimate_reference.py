@@ -26,7 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from openrlhf_lsc.cli.common import (
     Parser, check_dataset, check_model, check_output_dir, check_reward_model, check_template, guard, integer, listed,
@@ -44,6 +44,28 @@ NOT_IN_FINGERPRINT = {
 }
 
 
+def add_sampling_and_scoring_flags(a: Callable) -> None:
+    """The flags this tool shares with the rerank CLI: sampling (HF generate or vLLM engines) and reward models."""
+    a("--rollout.max_new_tokens", type=integer(1), default=1024, help="response tokens per sample")
+    a("--rollout.temperature", type=number(0, low_open=True), default=1.0, help="sampling temperature (> 0)")
+    a("--rollout.top_p", type=number(0, 1, low_open=True), default=1.0, help="nucleus sampling, in (0, 1]")
+    a("--rollout.batch_size", type=integer(1), default=8, help="prompts per HF generate call (x k sequences)")
+    a("--vllm.num_engines", type=integer(0), default=0,
+      help="vLLM engines (GPU); 0 = HF generate in this process. Needs --rm.num_actors >= 1 for local RMs")
+    a("--vllm.tensor_parallel_size", type=integer(1), default=1, help="GPUs per vLLM engine")
+    a("--vllm.gpu_memory_utilization", type=number(0, 1, low_open=True), default=0.95,
+      help="fraction of each engine's GPU memory vLLM may use (OpenRLHF's default)")
+    a("--vllm.enforce_eager", action="store_true", help="disable CUDA graphs in vLLM")
+    a("--rm.paths", type=listed(str, "paths or URLs"), required=True,
+      help="comma-separated reward-model checkpoints or serve_rm URLs (http://host:port/get_reward)")
+    a("--rm.batch_size", type=integer(1), default=16, help="queries per RM forward / HTTP request")
+    a("--rm.num_actors", type=integer(0), default=0, help="Ray actors per local RM; 0 = score in this process")
+    a("--rm.num_gpus_per_actor", type=number(0, low_open=True), default=1.0, help="GPUs per RM actor")
+    a("--rm.timeout", type=number(0, low_open=True), default=300.0, help="seconds to wait for a serve_rm answer")
+    a("--rm.retries", type=integer(0), default=4,
+      help="retries of a serve_rm request after a connection error, timeout or HTTP 5xx (backoff 1, 2, 4, ... s)")
+
+
 def build_parser() -> Parser:
     p = Parser(TOOL, __doc__)
     a = p.add_argument
@@ -58,25 +80,8 @@ def build_parser() -> Parser:
     a("--data.max_samples", type=integer(1), default=int(1e8), help="read at most this many prompts")
     a("--data.max_len", type=integer(2), default=2048, help="prompt + response tokens, and RM query limit")
     a("--actor.model_name_or_path", required=True, help="the SFT policy (its tokenizer formats prompts)")
-    a("--rollout.max_new_tokens", type=integer(1), default=1024, help="response tokens per sample")
-    a("--rollout.temperature", type=number(0, low_open=True), default=1.0, help="sampling temperature (> 0)")
-    a("--rollout.top_p", type=number(0, 1, low_open=True), default=1.0, help="nucleus sampling, in (0, 1]")
-    a("--rollout.batch_size", type=integer(1), default=8, help="prompts per HF generate call (x k sequences)")
-    a("--vllm.num_engines", type=integer(0), default=0,
-      help="vLLM engines (GPU); 0 = HF generate in this process. Needs --rm.num_actors >= 1 for local RMs")
-    a("--vllm.tensor_parallel_size", type=integer(1), default=1, help="GPUs per vLLM engine")
-    a("--vllm.gpu_memory_utilization", type=number(0, 1, low_open=True), default=0.95,
-      help="fraction of each engine's GPU memory vLLM may use (OpenRLHF's default)")
-    a("--vllm.enforce_eager", action="store_true", help="disable CUDA graphs in vLLM")
-    a("--rm.paths", type=listed(str, "paths or URLs"), required=True,
-      help="comma-separated reward-model checkpoints or serve_rm URLs (http://host:port/get_reward)")
+    add_sampling_and_scoring_flags(a)
     a("--rm.names", type=listed(str, "names"), default=None, help="comma-separated RM names; None: the basename of each path")
-    a("--rm.batch_size", type=integer(1), default=16, help="queries per RM forward / HTTP request")
-    a("--rm.num_actors", type=integer(0), default=0, help="Ray actors per local RM; 0 = score in this process")
-    a("--rm.num_gpus_per_actor", type=number(0, low_open=True), default=1.0, help="GPUs per RM actor")
-    a("--rm.timeout", type=number(0, low_open=True), default=300.0, help="seconds to wait for a serve_rm answer")
-    a("--rm.retries", type=integer(0), default=4,
-      help="retries of a serve_rm request after a connection error, timeout or HTTP 5xx (backoff 1, 2, 4, ... s)")
     a("--reward.normalize_enable", action="store_true", help="as in PPO: references on the normalised scale")
     a("--ds.param_dtype", default="bf16", choices=["bf16", "fp16"], help="dtype of local models")
     a("--ds.attn_implementation", default="sdpa", help="attention of local models (eager, sdpa, flash_attention_2)")
