@@ -12,3 +12,16 @@ def reopen_log_streams():
         if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
             handler.stream = sys.stderr
             handler.__dict__.pop("flush", None)  # OpenRLHF binds the old stream's flush to its handler
+
+
+def as_dict(ns):
+    """A nested argparse namespace as nested dicts (namespaces compare by identity of their inner namespaces)."""
+    return {k: as_dict(v) for k, v in vars(ns).items()} if hasattr(ns, "__dict__") else ns
+
+
+class Captured(Exception):
+    """Raised by `capture` in place of a CLI's `train(args)`, carrying the args it was given."""
+
+
+def capture(args):
+    raise Captured(args)

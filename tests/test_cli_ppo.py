@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_capture import Captured, as_dict, capture
 from openrlhf_lsc.cli import train_ppo_ray as cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,18 +33,6 @@ def known_flags_only(argv: list) -> list:
     return out
 
 
-def as_dict(ns):
-    return {k: as_dict(v) for k, v in vars(ns).items()} if hasattr(ns, "__dict__") else ns
-
-
-class Captured(Exception):
-    pass
-
-
-def _capture(args):
-    raise Captured(args)
-
-
 @pytest.fixture(scope="module")
 def stock_module():
     import openrlhf.cli.train_ppo_ray as module  # the stand-ins in tests/stubs provide vllm / flash_attn
@@ -57,7 +46,7 @@ def run_stock(argv, monkeypatch, stock_module):
     import ray
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(openrlhf.utils, "get_strategy", _capture)
+    monkeypatch.setattr(openrlhf.utils, "get_strategy", capture)
     monkeypatch.setattr(sys, "argv", ["train_ppo_ray.py", *argv])
     with pytest.raises(Captured) as caught, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is in sys.modules already
@@ -72,8 +61,8 @@ def run_plugin(argv, monkeypatch, stock_module):
     from openrlhf_lsc.integration import ppo
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(stock_module, "get_strategy", _capture)
-    monkeypatch.setattr(ppo, "train", lambda stock, args: _capture(args))
+    monkeypatch.setattr(stock_module, "get_strategy", capture)
+    monkeypatch.setattr(ppo, "train", lambda stock, args: capture(args))
     with pytest.raises(Captured) as caught:
         cli.main(argv)
     return caught.value.args[0]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_capture import Captured, as_dict, capture
 from openrlhf_lsc.cli import train_rm as cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,14 +20,6 @@ BASE = ["--model.model_name_or_path", "org/model", "--data.dataset", "org/pairs"
 AM = ["--model.loss_type", "am"]
 
 
-class Captured(Exception):
-    pass
-
-
-def _capture(args):
-    raise Captured(args)
-
-
 @pytest.fixture(scope="module")
 def stock_module():
     import openrlhf.cli.train_rm as module  # tests/stubs provides the flash_attn stand-in
@@ -34,21 +27,17 @@ def stock_module():
     return module
 
 
-def as_dict(ns):
-    return {k: as_dict(v) for k, v in vars(ns).items()} if hasattr(ns, "__dict__") else ns
-
-
 def test_stock_flags_pass_through_and_am_flags_land_on_args_am(monkeypatch, stock_module):
     import openrlhf.utils
 
     argv = BASE[:6] + ["--ds.zero_stage", "3", "--ds.packing_samples", "--train.batch_size", "64",
                        "--data.input_template", "no placeholder"]
-    monkeypatch.setattr(openrlhf.utils, "get_strategy", _capture)
+    monkeypatch.setattr(openrlhf.utils, "get_strategy", capture)
     monkeypatch.setattr(sys, "argv", ["train_rm.py", *argv])
     with pytest.raises(Captured) as stock, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is in sys.modules already
         runpy.run_module("openrlhf.cli.train_rm", run_name="__main__")
-    monkeypatch.setattr(stock_module, "get_strategy", _capture)
+    monkeypatch.setattr(stock_module, "get_strategy", capture)
     with pytest.raises(Captured) as plugin:
         cli.main(argv + ["--am.task_key", "task", *AM, "--am.margin", "3"])
     a, b = as_dict(stock.value.args[0]), as_dict(plugin.value.args[0])
