@@ -874,13 +874,6 @@ def bon_pick_probs(utility: np.ndarray, k: float) -> np.ndarray:
     return probs
 
 
-def empirical_bon_kl(utility: np.ndarray, k: float) -> float:
-    """KL(best-of-k over the pool || uniform over the pool), averaged over prompts (rows)."""
-    p = bon_pick_probs(utility, k)
-    n = utility.shape[-1]
-    return float(np.mean(np.sum(np.where(p > 0, p * np.log(np.maximum(p, 1e-300) * n), 0.0), axis=-1)))
-
-
 def frontier_win(p_win: np.ndarray, n: np.ndarray) -> np.ndarray:
     """Gold best-of-n win rate: mean over prompts of 1 - (1 - p_x)^n, p_x the SFT win probability of prompt x."""
     n = np.atleast_1d(np.asarray(n, dtype=float))
@@ -905,7 +898,6 @@ def best_of_k(lab: Lab, pools: Dict, refs: Dict, ks: Sequence[int], weights: Seq
         u = u.numpy()
         per_prompt = np.stack([np.sum(bon_pick_probs(u, k) * win, -1) for k in ks])  # [k values, P]
         out["methods"][name] = {split: per_prompt[:, lab.split(split)[1]] for split in ("val", "test")}
-        out["methods"][name]["kl_empirical"] = [empirical_bon_kl(u, k) for k in ks]
     return out
 
 
@@ -930,7 +922,7 @@ def best_of_k_summary(bok: Sequence[Dict], weights: Sequence[float], n_boot: int
     return out
 
 
-def monitor_summary(cfg: LabConfig, records: Dict) -> Dict[str, Dict]:
+def monitor_summary(records: Dict) -> Dict[str, Dict]:
     """Where the monitor (noisy gold judge as evaluator) would have stopped each test run, against the step at which
     the run's true gold peaked: per method, how often it fired, the KL at the gold peak and at the stop, and the gold
     given up vs the peak by stopping there or by training to the end (in SFT std units of gold, averaged over the
@@ -1115,7 +1107,7 @@ def analyse(out: str, cfg: LabConfig, records: Dict, selections: Dict, checks: D
         "checks": checks,
         "selections": selections,
         "best_of_k": best_of_k_summary(bok, cfg.weights, cfg.bootstrap),
-        "monitor": monitor_summary(cfg, records),
+        "monitor": monitor_summary(records),
         "frontier": {"kl": fronts[0]["kl"], "win": {k: np.mean([f["win"][k] for f in fronts], 0).tolist()
                                                     for k in fronts[0]["win"]}},
         "worlds": {str(s): world_diagnostics(w["lab"], w["pools"], w["thr"]) for s, w in worlds.items()},
