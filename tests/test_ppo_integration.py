@@ -126,7 +126,8 @@ def source_batch(source, raw, n, prompts):
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("source", SOURCES)
-def test_every_reward_source_and_estimator_against_numpy(openrlhf_modules, source, estimator):
+@pytest.mark.parametrize("sizes", [[5, 7], [4, 4, 4], [5, 5, 2]])  # micro-batch sizes: unequal, equal, smaller last
+def test_every_reward_source_and_estimator_against_numpy(openrlhf_modules, source, estimator, sizes):
     em, Experience = openrlhf_modules
     n, prompts = 4, 3
     gen = torch.Generator().manual_seed(ESTIMATORS.index(estimator) + 10 * SOURCES.index(source))
@@ -138,7 +139,8 @@ def test_every_reward_source_and_estimator_against_numpy(openrlhf_modules, sourc
     labels = [json.dumps({name: {"reference": refs[i // n, ref_of[name]].item()} for name in names})
               for i in range(n * prompts)]
     order = torch.randperm(n * prompts, generator=gen).tolist()
-    exps = experiences(Experience, rewards, labels, order, [5, 7], n, extra)
+    exps = experiences(Experience, rewards, labels, order, sizes, n, extra)
+    assert [len(e.index) for e in exps] == sizes
     cfg = lsc_config(names=names, transform="lsc", reference="label", label_key="lsc_ref", extra_logs=extra_logs)
     out = make_maker(em, estimator, n, lsc=cfg).compute_advantages_and_returns(exps)
 
