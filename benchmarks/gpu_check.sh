@@ -168,9 +168,11 @@ overhead = load("overhead.json")
 if overhead:
     lines += [f"Device {overhead['config']['device']} ({overhead['device_name']}), K = 2, median of "
               f"{overhead['config']['repeats']}, target plugin <= {overhead['config']['target']}x stock.", "",
-              f"| prompts x {overhead['config']['samples']} | estimator | stock s | plugin s | plugin/stock |", "|---|---|---|---|---|"]
+              f"| prompts x {overhead['config']['samples']} | estimator | stock s | plugin s | plugin/stock | reward hook s | hook/stock |",
+              "|---|---|---|---|---|---|---|"]
     for r in overhead["rows"]:
-        lines.append(f"| {r['prompts']} | {r['estimator']} | {r['stock_s']:.4f} | {r['plugin_s']:.4f} | {r['ratio']:.3f}x |")
+        lines.append(f"| {r['prompts']} | {r['estimator']} | {r['stock_s']:.4f} | {r['plugin_s']:.4f} | {r['ratio']:.3f}x "
+                     f"| {r['hook_s']:.4f} | {r['hook_share']:.3f} |")
     lines += ["", f"Worst ratio {overhead['worst_ratio']:.3f}x.", ""]
 else:
     lines += ["The benchmark wrote no results; its output:", "```", tail("overhead.log"), "```", ""]
