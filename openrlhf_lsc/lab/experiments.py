@@ -709,7 +709,7 @@ def run_one(out: str, cfg: LabConfig, run: Dict, progress: bool = True) -> str:
         batch = [lab.train_prompts[i] for i in index.tolist()]
         gold = {p: gold_scores(p, batch, words) for p in run["properties"]}
         judge = np.stack([g + MONITOR_NOISE * gold_sd[p] * noise_rng.standard_normal(len(g)) for p, g in gold.items()], 1)
-        metrics, _ = monitor.update(step, rewards, torch.from_numpy(judge), responses=[text(w) for w in words])
+        metrics, _ = monitor.update(step, rewards, torch.from_numpy(judge))  # no texts: only the signals are kept
         keep = {k: v for k, v in metrics.items() if k.startswith("monitor/signal/")}
         return {**keep, **{f"gold/{p}": float(g.mean()) for p, g in gold.items()}}
 
