@@ -223,6 +223,28 @@ def test_group_reference_and_dump(openrlhf_modules, tmp_path):
         assert row["sequence"] == list(range(4 * row["sample"], 4 * row["sample"] + 4))
 
 
+def test_length_penalties_reach_reward_not_the_logged_utility(openrlhf_modules):
+    """Stock's DAPO overlong penalty changes `experience.rewards` in place: PPO trains on, and `reward` logs, the
+    penalised utility; `lsc/utility` stays the plugin's utility."""
+    em, Experience = openrlhf_modules
+    rewards = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    maker = make_maker(em, "reinforce", 1, no_std_norm=True,
+                       lsc=lsc_config(names=("rm",), transform="lsc", reference="constant", reference_value=(0.0,)))
+    args = maker.strategy.args
+    args.reward.overlong_buffer_len, args.reward.overlong_penalty_factor = 4, 1.0
+    args.rollout.max_new_tokens = 10
+    exps = experiences(Experience, rewards, [""] * 4, [0, 1, 2, 3], [2, 2])
+    for e, lengths in zip(exps, ([6, 8], [10, 3])):  # penalties 0, -0.5, -1, 0 (beyond 10 - 4 tokens)
+        e.response_length = torch.tensor(lengths)
+    out = maker.compute_advantages_and_returns(exps)
+    u = lsc_np(rewards.double().numpy(), 0.0)
+    penalised = u + np.array([0.0, -0.5, -1.0, 0.0])
+    np.testing.assert_allclose(torch.cat([e.info["lsc/utility"] for e in out]).numpy(), u, rtol=1e-6)
+    np.testing.assert_allclose(torch.cat([e.info["reward"] for e in out]).numpy(), penalised, rtol=1e-6)
+    np.testing.assert_allclose(torch.cat([e.advantages[:, 0] for e in out]).numpy(), penalised - penalised.mean(),
+                               rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "label, message",
     [

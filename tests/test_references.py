@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from openrlhf_lsc.references import FLOAT32_MAX, gaussian_reference, parse_label, references_from_labels, sample_statistics
@@ -105,6 +107,47 @@ def test_identical_label_strings_are_parsed_once():
         json.loads = real_loads
     assert refs[:, 0].tolist() == [1.0, 1.0, 2.0, 1.0, 2.0]
     assert calls == [one, two]
+
+
+GOOD = st.one_of(st.floats(-1e30, 1e30), st.integers(-10**6, 10**6), st.sampled_from([FLOAT32_MAX, -FLOAT32_MAX]))
+BAD = st.one_of(st.sampled_from([float("nan"), float("inf"), -float("inf"), True, False, None, "1.5", [1.0], 3.5e38,
+                                 int(FLOAT32_MAX) + 1, 10**400]), st.text(max_size=2))
+
+
+@st.composite
+def label_rows(draw):
+    """(label as given, how the label is handed over, is it good): mostly good rows, some with one defect."""
+    label = {name: {"reference": draw(GOOD), "q": 0.85} for name in ("a", "b")}
+    defect = draw(st.sampled_from(["none"] * 6 + ["bad value", "no reference", "no entry", "bare value", "broken"]))
+    name = draw(st.sampled_from(["a", "b"]))
+    if defect == "bad value":
+        label[name]["reference"] = draw(BAD)
+    elif defect == "no reference":
+        del label[name]["reference"]
+    elif defect == "no entry":
+        del label[name]
+    elif defect == "bare value":
+        label[name] = draw(GOOD)
+    how = draw(st.sampled_from(["dict", "json"]))
+    given_as = label if how == "dict" else json.dumps(label)[: -1 if defect == "broken" else None]
+    return given_as, label, defect == "none" or (defect == "broken" and how == "dict")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(label_rows(), max_size=8))
+def test_any_batch_of_labels_gives_the_references_or_the_error_a_row_by_row_reading_gives(rows):
+    """Whatever the path taken inside, each row is read alone: the same float32 values, or a ValueError naming the
+    first bad row."""
+    labels = [given_as for given_as, _, _ in rows]
+    first_bad = next((i for i, (_, _, good) in enumerate(rows) if not good), None)
+    if first_bad is not None:
+        with pytest.raises(ValueError, match=f"^prompt {first_bad}: field 'ref' "):
+            references_from_labels(labels, ["a", "b"], "ref")
+    else:
+        got = references_from_labels(labels, ["a", "b"], "ref")
+        expected = [[float(label[name]["reference"]) for name in ("a", "b")] for _, label, _ in rows]
+        assert got.dtype == torch.float32
+        assert torch.equal(got, torch.tensor(expected, dtype=torch.float32).reshape(len(labels), 2))
 
 
 # ------------------------------------------------------------------------------------- sample_statistics

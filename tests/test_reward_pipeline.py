@@ -78,10 +78,14 @@ def test_raw_single_reward_is_the_reward_itself():
 def test_labels_are_parsed_once_per_prompt():
     calls = []
 
-    class Counting(dict):
+    class Counting(dict):  # counts the reads of a reward model's entry, however they are made
         def get(self, key, default=None):
             calls.append(key)
             return dict.get(self, key, default)
+
+        def __getitem__(self, key):
+            calls.append(key)
+            return dict.__getitem__(self, key)
 
     labels = [Counting(rm={"reference": 0.0})] * 8 + [Counting(rm={"reference": 1.0})] * 8
     reward_utilities(torch.zeros(16, 1), RewardSpec(names=("rm",), transform="lsc", reference="label"), labels, 8)

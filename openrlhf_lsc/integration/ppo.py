@@ -23,6 +23,7 @@ import os
 from types import SimpleNamespace
 from typing import List
 
+import numpy as np
 import torch
 
 from openrlhf_lsc.integration import SETUP_HOOK, register, registered, wrap
@@ -145,7 +146,7 @@ def reward_hook(experiences: List, args) -> List:
     if cfg is None or cfg.spec is None:
         return experiences
     spec, n = cfg.spec, args.rollout.n_samples_per_prompt
-    order = torch.tensor([i for e in experiences for i in e.index])
+    order = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(e.index for e in experiences), np.int64))
     if cfg.extra_logs:
         keys = [f"lsc/{name}/reward" for name in spec.names]
         for e in experiences:
@@ -158,19 +159,26 @@ def reward_hook(experiences: List, args) -> List:
                 )
         batch = torch.stack([torch.cat([e.info[k].reshape(-1) for e in experiences]) for k in keys], dim=1)
     else:
-        batch = torch.cat([e.rewards.reshape(len(e.index), -1) for e in experiences])
+        batch = torch.cat([e.rewards for e in experiences]).reshape(len(order), -1)  # [b] or [b, K] each
     k = len(spec.names)  # local reward models: the M evaluator columns of --lsc.monitor.reward_models follow
     rewards, evaluators = torch.empty_like(batch[:, :k]), torch.empty_like(batch[:, k:])
     rewards[order], evaluators[order] = batch[:, :k], batch[:, k:]  # prompt-major: n samples per prompt, as stock
-    labels = where = None
+    labels = None
     if spec.reference == "label":  # per-sample lists in prompt-major order, without a Python loop per sample
         inverse = torch.argsort(order).tolist()
         pick = operator.itemgetter(*inverse) if len(inverse) > 1 else lambda xs: (xs[inverse[0]],)
         labels = list(pick(list(itertools.chain.from_iterable(e.labels for e in experiences))))
+    try:
+        utility, metrics = reward_utilities(rewards, spec, labels, n)
+    except ValueError:  # the same error again, naming the prompts by their text (not built for every step)
         prompts = list(itertools.chain.from_iterable(e.prompts for e in experiences))
-        if len(prompts) == len(labels):
-            where = [f"prompt {p!r:.80}" for p in pick(prompts)[::n]]
-    utility, metrics = reward_utilities(rewards, spec, labels, n, where)
+        if labels is None or len(prompts) != len(labels):
+            raise
+        try:
+            reward_utilities(rewards, spec, labels, n, [f"prompt {p!r:.80}" for p in pick(prompts)[::n]])
+        except ValueError as named:
+            raise named from None
+        raise
 
     clip = args.reward.clip_range
     if clip is not None:
@@ -178,7 +186,7 @@ def reward_hook(experiences: List, args) -> List:
     # The source's raw reward (its scalar, or the sum of K local reward models' rewards) and "reward", as stock: the
     # reward PPO trains on, its own copy (stock re-syncs it after penalties). `batch` is in experience order already.
     columns = {k: v.to(utility.dtype)[order] for k, v in metrics.items()}  # back to experience order
-    source = torch.cat([e.rewards.reshape(len(e.index), -1) for e in experiences]) if cfg.extra_logs else batch
+    source = torch.cat([e.rewards for e in experiences]).reshape(len(order), -1) if cfg.extra_logs else batch
     columns["lsc/reward"] = source[:, :k].float().sum(1).to(utility.dtype)
     columns["reward"] = columns["lsc/utility"].clone()
     # One split per metric, not tensor work per experience: there can be thousands of micro-batch experiences. Equal
@@ -188,7 +196,7 @@ def reward_hook(experiences: List, args) -> List:
     keys, parts = list(columns), [c.split(chunks) for c in columns.values()]
     for e, values in zip(experiences, zip(*parts)):
         e.info.update(zip(keys, values))
-        e.rewards = e.info["lsc/utility"]
+        e.rewards = e.info["reward"]  # as stock: stock's length penalties change both in place, not lsc/utility
     if getattr(cfg, "monitor", None) is not None:
         _observe(cfg, args, experiences, order, rewards, evaluators, metrics)
     if cfg.dump_rewards:
