@@ -4,7 +4,6 @@ gives without the evaluators, and logs `monitor/*` equal to a numpy/scipy recomp
 stop rule on a crafted sequence of batches runs the real `PPOTrainer.fit` loop to a warning, a checkpoint through
 OpenRLHF's `save_logs_and_checkpoints` and a clean end, with `lsc_monitor.json` written."""
 
-import copy
 import json
 import logging
 import math

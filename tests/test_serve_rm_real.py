@@ -3,7 +3,6 @@ CPU (flash-attn stand-in from tests/stubs on its path). The plugin's client, the
 score through it; every score equals that reward model's own forward on the same text."""
 
 import json
-import os
 import socket
 import subprocess
 import sys

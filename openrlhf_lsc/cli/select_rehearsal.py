@@ -19,7 +19,6 @@ import json
 import math
 import os
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, List, Optional
 
 from openrlhf_lsc.cli.common import (

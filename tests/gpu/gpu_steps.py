@@ -284,7 +284,7 @@ def rehearsal_memory():
             "plain_gib": plain / 2**30, "rehearsal_gib": with_rehearsal / 2**30, "plain_again_gib": plain_again / 2**30,
             "ratio": with_rehearsal / plain,
         }
-        del env
+        env = None  # frees the engine before empty_cache (the next loop builds its own)
         torch.cuda.empty_cache()
     return out
 
