@@ -23,6 +23,7 @@ import cProfile
 import gc
 import io
 import json
+import pickle
 import pstats
 import sys
 import time
@@ -40,29 +41,33 @@ for module, stubs in (("vllm", "tests/stubs"), ("ray", "tests/gpu/stubs/ray"), (
 sys.path.insert(0, str(ROOT))
 
 NAMES = ("helpful", "harmless")
+SHIP = 64  # experiences pickled for the shipping column (the cost is per experience)
 FLAGS = ["--lsc.transform", "lsc", "--lsc.aggregate", "and", "--lsc.reference", "label", "--data.label_key", "lsc_ref",
          "--lsc.reward_names", ",".join(NAMES)]
 
 
-def batch(prompts: int, n: int, tokens: int, micro: int, device: str, plugin: bool):
-    """The experiences the reward/advantage step gets: [b, 2] rewards (plugin) or their sum (stock), labels."""
+def batch(prompts: int, n: int, tokens: int, micro: int, device: str, plugin: bool, labels_as: str = "object"):
+    """The experiences the reward/advantage step gets: [b, 2] rewards (plugin) or their sum (stock), and labels as
+    OpenRLHF hands over the estimator's JSON-object field (`object`: dicts) or a field holding a JSON string."""
     from openrlhf.trainer.ppo_utils.experience import Experience
 
     g = torch.Generator().manual_seed(0)
     total = prompts * n
     rewards = torch.randn(total, len(NAMES), generator=g).to(torch.bfloat16)
     stats = torch.randn(prompts, len(NAMES), 3, generator=g).tolist()  # mean, std, 0.85-quantile
-    labels = [json.dumps({name: {"reference": q, "method": "quantile", "q": 0.85, "k": 64, "mean": m, "std": abs(sd),
-                                 "quantiles": {"0.5": m, "0.85": q}}
-                          for name, (m, sd, q) in zip(NAMES, stats[p])}) for p in range(prompts)]
+    labels = [{name: {"reference": q, "method": "quantile", "q": 0.85, "k": 64, "mean": m, "std": abs(sd),
+                      "quantiles": {"0.5": m, "0.85": q}} for name, (m, sd, q) in zip(NAMES, stats[p])}
+              for p in range(prompts)]
+    if labels_as == "string":
+        labels = [json.dumps(label) for label in labels]
     out = []
     for start in range(0, total, micro):
         idx = list(range(start, min(start + micro, total)))
-        r = rewards[idx] if plugin else rewards[idx].float().sum(1)
+        r = (rewards[idx] if plugin else rewards[idx].float().sum(1)).to(device)
         out.append(Experience(
-            index=idx, rewards=r.to(device), labels=[labels[i // n] for i in idx], prompts=[f"p{i // n}" for i in idx],
+            index=idx, rewards=r, labels=[labels[i // n] for i in idx], prompts=[f"p{i // n}" for i in idx],
             action_mask=torch.ones(len(idx), tokens, device=device), kl=torch.zeros(len(idx), tokens, device=device),
-            values=torch.zeros(len(idx), tokens, device=device), info={},
+            values=torch.zeros(len(idx), tokens, device=device), info={"reward": r},  # as OpenRLHF: same tensor
         ))
     return out
 
@@ -117,12 +122,24 @@ def timed(fn, m, exps, device):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        fn(m, exps)
+        out = fn(m, exps)
         if device == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, out
     finally:
         gc.enable()
+
+
+def shipped(exps, repeats=3):
+    """Fastest seconds, and bytes, to pickle and unpickle experiences, as `ray.put` / `ray.get` do when OpenRLHF hands
+    them to the actors (Ray pickles torch tensors with their whole storage unless told otherwise)."""
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        data = pickle.dumps(exps, protocol=5)
+        pickle.loads(data)
+        seconds.append(time.perf_counter() - t0)
+    return min(seconds), len(data)
 
 
 def profile(fn, m, exps, top=8):
@@ -140,6 +157,9 @@ def main():
     ap.add_argument("--prompts", default="256,1024,4096,8192", help="comma-separated prompt counts")
     ap.add_argument("--samples", type=int, default=8, help="samples per prompt")
     ap.add_argument("--estimators", default="gae,group_norm")
+    ap.add_argument("--labels", choices=["object", "string"], default="object",
+                    help="the label field as a JSON object (what estimate_reference writes; OpenRLHF hands over dicts) "
+                         "or as a string holding one (parsed every step)")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--micro_batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
@@ -159,32 +179,39 @@ def main():
     stock = patched.__lsc_original__
     n = opt.samples
     rows = []
-    print(f"reward/advantage step, K = {len(NAMES)}, {opt.tokens} tokens, micro-batches of {opt.micro_batch}, "
+    print(f"reward/advantage step, K = {len(NAMES)}, {opt.tokens} tokens, micro-batches of {opt.micro_batch}, labels as {opt.labels}s, "
           f"fastest of {opt.repeats}, device {opt.device}" + ("" if opt.device == "cuda" else " (CPU, not a GPU result)"))
-    print(f"| prompts x {n} | estimator | stock s | plugin s | plugin/stock | reward hook s | hook/stock |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| prompts x {n} | estimator | stock s | plugin s | plugin/stock | reward hook s | hook/stock "
+          f"| shipping {SHIP} experiences: plugin/stock s (bytes) |")
+    print("|---|---|---|---|---|---|---|---|")
     for prompts in map(int, opt.prompts.split(",")):
         for estimator in opt.estimators.split(","):
             lsc = lsc_config(estimator, n)
-            times = {"stock": [], "plugin": [], "hook": []}
+            times, outputs = {"stock": [], "plugin": [], "hook": []}, {}
             hook = lambda m, exps: reward_hook(exps, m.strategy.args)  # noqa: E731  the plugin's own part of its step
             for _ in range(opt.repeats):
                 for name, fn, plugin in (("stock", stock, False), ("plugin", patched, True), ("hook", hook, True)):
-                    exps = batch(prompts, n, opt.tokens, opt.micro_batch, opt.device, plugin)
-                    times[name].append(timed(fn, maker(estimator, n, plugin, lsc), exps, opt.device))
+                    exps = batch(prompts, n, opt.tokens, opt.micro_batch, opt.device, plugin, opt.labels)
+                    seconds, outputs[name] = timed(fn, maker(estimator, n, plugin, lsc), exps, opt.device)
+                    times[name].append(seconds)
             row = {"prompts": prompts, "samples": n, "estimator": estimator, "times": times,
                    **{f"{k}_s": min(v) for k, v in times.items()}}
             row["ratio"] = row["plugin_s"] / row["stock_s"]
             row["hook_share"] = row["hook_s"] / row["stock_s"]
+            ship = {name: shipped(outputs[name][:SHIP]) for name in ("stock", "plugin")}
+            row["ship"] = {name: {"s": t, "bytes": size} for name, (t, size) in ship.items()}
+            row["ship_ratio"] = ship["plugin"][0] / ship["stock"][0]
+            row["ship_bytes_ratio"] = ship["plugin"][1] / ship["stock"][1]
             if opt.profile:
-                exps = batch(prompts, n, opt.tokens, opt.micro_batch, opt.device, True)
+                exps = batch(prompts, n, opt.tokens, opt.micro_batch, opt.device, True, opt.labels)
                 row["profile"] = profile(patched, maker(estimator, n, True, lsc), exps)
             rows.append(row)
             if opt.out:  # after every row: a run cut short keeps what it measured
                 write(opt, rows)
             flag = "" if row["ratio"] <= opt.target else f"  (above {opt.target}x)"
             print(f"| {prompts} | {estimator} | {row['stock_s']:.4f} | {row['plugin_s']:.4f} | {row['ratio']:.3f}x{flag} "
-                  f"| {row['hook_s']:.4f} | {row['hook_share']:.3f} |", flush=True)
+                  f"| {row['hook_s']:.4f} | {row['hook_share']:.3f} | {row['ship_ratio']:.2f}x "
+                  f"({row['ship_bytes_ratio']:.2f}x) |", flush=True)
     worst = max(r["ratio"] for r in rows)
     print(f"worst ratio {worst:.3f}x: {'meets' if worst <= opt.target else 'misses'} the target <= {opt.target}x")
     if opt.profile:

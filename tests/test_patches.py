@@ -487,7 +487,7 @@ def test_patched_openrlhf_lsc_uses_the_reward_hook(clean_hooks, patched):
     utility = (-np.log1p(np.exp(-(raw.numpy().astype(np.float64) - np.array([0.5, -0.5]))))).sum(1)
     for e in out:
         np.testing.assert_allclose(e.rewards.numpy(), utility[e.index], rtol=1e-5)
-        np.testing.assert_allclose(e.info["lsc/b/margin"].numpy(), raw.numpy()[e.index, 1] + 0.5, rtol=1e-5)
+        np.testing.assert_allclose(e.info["lsc/b/margin"], raw.numpy()[e.index, 1] + 0.5, rtol=1e-5)
 
 
 @inside_patched

@@ -6,6 +6,7 @@ Expectations are computed independently below (plain numpy)."""
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -152,7 +153,10 @@ def test_every_reward_source_and_estimator_against_numpy(openrlhf_modules, sourc
     got_adv = torch.cat([e.advantages for e in out]).double().numpy()
     np.testing.assert_allclose(got_adv, np.repeat(adv[order][:, None], 3, 1), rtol=1e-4, atol=1e-5)
     # Logged per-RM metrics, per sample, in experience order; stock's `reward` stays the source's raw reward.
-    info = {key: torch.cat([e.info[key] for e in out]).double().numpy() for key in out[0].info}
+    info = {key: np.concatenate([np.asarray(e.info[key], dtype=float) for e in out]) for key in out[0].info}
+    for e in out:  # what Ray ships to the actors: no per-experience view of a batch-wide tensor (stock's own aside)
+        for key, value in [("rewards", e.rewards)] + [kv for kv in e.info.items() if kv[0] != "group_reward_std"]:
+            assert isinstance(value, list) or value.untyped_storage().nbytes() == value.nbytes, key
     for j, name in enumerate(names):
         np.testing.assert_allclose(info[f"lsc/{name}/reward"], r[order, j], rtol=1e-6)
         np.testing.assert_allclose(info[f"lsc/{name}/margin"], (r - ref)[order, j], rtol=1e-5, atol=1e-6)
@@ -202,7 +206,24 @@ def test_transform_runs_before_stock_clipping(openrlhf_modules):
     u = lsc_np(np.array([-40.0, 0.0]), 0.0)
     expected = np.clip(u, -10, 10) - np.clip(u, -10, 10).mean()
     np.testing.assert_allclose(out.advantages[:, 0].numpy(), expected, rtol=1e-6)
-    assert out.info["lsc/clipped"].tolist() == [1.0, 0.0]
+    assert out.info["lsc/clipped"] == [1.0, 0.0]
+
+
+def test_what_the_plugin_adds_ships_at_the_size_of_its_micro_batch(openrlhf_modules):
+    """Ray pickles every experience for the actors, and a tensor view pickles its whole storage: the plugin's share of
+    a pickled micro-batch must not grow with the rollout batch."""
+    em, Experience = openrlhf_modules
+    stock = em.RemoteExperienceMaker.compute_advantages_and_returns.__lsc_original__
+    cfg = lsc_config(names=("a", "b"), transform="lsc", reference="constant", reference_value=(0.0, 1.0))
+    added = []
+    for prompts in (4, 64):
+        rewards, order, sizes = torch.randn(2 * prompts, 2), list(range(2 * prompts)), [4] * (prompts // 2)
+        base = stock(make_maker(em, "group_norm", 2), experiences(Experience, rewards.sum(1), [""] * 2 * prompts,
+                                                                   order, sizes, n=2))
+        plugged = make_maker(em, "group_norm", 2, lsc=cfg).compute_advantages_and_returns(
+            experiences(Experience, rewards, [""] * 2 * prompts, order, sizes, n=2))
+        added.append(len(pickle.dumps(plugged[0])) - len(pickle.dumps(base[0])))
+    assert added[0] == added[1], added
 
 
 def test_group_reference_and_dump(openrlhf_modules, tmp_path):
@@ -239,7 +260,7 @@ def test_length_penalties_reach_reward_not_the_logged_utility(openrlhf_modules):
     out = maker.compute_advantages_and_returns(exps)
     u = lsc_np(rewards.double().numpy(), 0.0)
     penalised = u + np.array([0.0, -0.5, -1.0, 0.0])
-    np.testing.assert_allclose(torch.cat([e.info["lsc/utility"] for e in out]).numpy(), u, rtol=1e-6)
+    np.testing.assert_allclose(sum((e.info["lsc/utility"] for e in out), []), u, rtol=1e-6)
     np.testing.assert_allclose(torch.cat([e.info["reward"] for e in out]).numpy(), penalised, rtol=1e-6)
     np.testing.assert_allclose(torch.cat([e.advantages[:, 0] for e in out]).numpy(), penalised - penalised.mean(),
                                rtol=1e-5, atol=1e-6)

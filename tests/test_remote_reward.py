@@ -148,7 +148,7 @@ def test_named_rewards_flow_from_the_reward_func_through_openrlhf_into_the_plugi
     assert np.ptp(raw[:, 0]) > 0  # the rollouts differ: a real group reference
     own = [s.rewards.item() for s in samples]  # the reward_func's own (label-reference) utility: not trained on
     assert not np.allclose(own, utility)
-    np.testing.assert_allclose(torch.cat([e.info["lsc/reward"] for e in out]).numpy(), own, rtol=1e-6)
+    np.testing.assert_allclose(sum((e.info["lsc/reward"] for e in out), []), own, rtol=1e-6)
 
 
 def test_a_server_that_stays_down_ends_the_run_naming_it(servers):

@@ -7,8 +7,9 @@
 - `reward_hook(experiences, args)` runs first in `RemoteExperienceMaker.compute_advantages_and_returns` (stock: the
   wrapper below; patched OpenRLHF: `REWARD_HOOKS`): `reward_utilities` turns the `[N, K]` rewards into utilities
   that replace `experience.rewards` before stock's length penalties, baselines, KL penalty and clipping.
-- Per-sample `experience.info` keys (logged as batch means): `lsc/reward`, `lsc/utility`, `lsc/clipped`,
-  `lsc/<name>/{reward,utility,margin,above_ref}`; stock's `reward` is, as in stock, what PPO trains on.
+- Per-sample `experience.info` keys (lists of floats, logged as batch means): `lsc/reward`, `lsc/utility`,
+  `lsc/clipped`, `lsc/<name>/{reward,utility,margin,above_ref}`; stock's `reward` (a tensor) is, as in stock, what
+  PPO trains on.
 - The step number is OpenRLHF's global step (`train_step` wrapped), so it continues after a resume.
 - `--lsc.monitor.reward_models` (M evaluators) are appended to the reward actors' models: they return `[b, K + M]`;
   `reward_hook` gives the first K columns to `reward_utilities` and the last M to `Monitor.update` in the trainer
@@ -183,20 +184,19 @@ def reward_hook(experiences: List, args) -> List:
     clip = args.reward.clip_range
     if clip is not None:
         metrics["lsc/clipped"] = ((utility < clip[0]) | (utility > clip[1])).to(utility.dtype)
-    # The source's raw reward (its scalar, or the sum of K local reward models' rewards) and "reward", as stock: the
-    # reward PPO trains on, its own copy (stock re-syncs it after penalties). `batch` is in experience order already.
-    columns = {k: v.to(utility.dtype)[order] for k, v in metrics.items()}  # back to experience order
+    # Per-sample metrics back in experience order, as Python lists: OpenRLHF logs lists like tensors and Ray ships them
+    # cheaply, while a per-experience view of a batch tensor would ship the whole batch's storage with every one.
+    columns = {k: v.to(utility.dtype)[order].tolist() for k, v in metrics.items()}
     source = torch.cat([e.rewards for e in experiences]).reshape(len(order), -1) if cfg.extra_logs else batch
-    columns["lsc/reward"] = source[:, :k].float().sum(1).to(utility.dtype)
-    columns["reward"] = columns["lsc/utility"].clone()
-    # One split per metric, not tensor work per experience: there can be thousands of micro-batch experiences. Equal
-    # micro-batches (a smaller last one allowed) split by their size, which torch does ~3x faster than by a size list.
-    sizes = [len(e.index) for e in experiences]
-    chunks = sizes[0] if len(set(sizes[:-1])) <= 1 and sizes[-1] <= sizes[0] else sizes
-    keys, parts = list(columns), [c.split(chunks) for c in columns.values()]
-    for e, values in zip(experiences, zip(*parts)):
-        e.info.update(zip(keys, values))
-        e.rewards = e.info["reward"]  # as stock: stock's length penalties change both in place, not lsc/utility
+    columns["lsc/reward"] = source[:, :k].float().sum(1).tolist()  # the source's raw reward (or the K RMs' sum)
+    reward, start = utility[order], 0
+    for e in experiences:
+        end = start + len(e.index)
+        e.info.update({key: values[start:end] for key, values in columns.items()})
+        # What PPO trains on, a tensor with its own storage: stock's `reward` (stock's length penalties change it in
+        # place; lsc/utility keeps the plugin's utility).
+        e.rewards = e.info["reward"] = reward[start:end].clone()
+        start = end
     if getattr(cfg, "monitor", None) is not None:
         _observe(cfg, args, experiences, order, rewards, evaluators, metrics)
     if cfg.dump_rewards:
@@ -224,7 +224,7 @@ def _observe(cfg, args, experiences, order, proxies, evaluators, metrics) -> Non
     above = {n: metrics[f"lsc/{n}/above_ref"] for n in cfg.spec.names if f"lsc/{n}/above_ref" in metrics}
     values, fired = _monitor.monitor.update(_step, proxies, evaluators, above, responses)
     for e in experiences:
-        e.info.update({key: torch.full((len(e.index),), v) for key, v in values.items()})
+        e.info.update({key: [v] * len(e.index) for key, v in values.items()})
     summary = _monitor.monitor.summary()
     if fired:
         from openrlhf.utils.logging_utils import init_logger
