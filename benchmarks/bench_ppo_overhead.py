@@ -9,7 +9,8 @@ of the same batch; the table gives the fastest of each (noise on a shared machin
 ratio. Target: plugin <= 1.03x stock at every size. Single timings of the same step can differ by 20% or more on a
 shared machine, so the table also times the plugin's own part of its step alone (`reward_hook`: the plugin step is
 this hook followed by the stock step on the utilities) as a share of the stock step: 1 + that share is the ratio
-without the noise.
+without the noise. A last column pickles 64 of the experiences each step returns, as `ray.put` does when OpenRLHF
+hands them to the actors: plugin/stock time and bytes.
 
     python benchmarks/bench_ppo_overhead.py [--prompts 256,1024,4096,8192] [--estimators gae,group_norm]
         [--samples 8] [--repeats 5] [--device cpu|cuda] [--out results.json] [--profile]

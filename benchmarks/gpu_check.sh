@@ -166,13 +166,14 @@ if steps:
 lines += ["## Reward/advantage step: plugin vs stock", ""]
 overhead = load("overhead.json")
 if overhead:
-    lines += [f"Device {overhead['config']['device']} ({overhead['device_name']}), K = 2, median of "
-              f"{overhead['config']['repeats']}, target plugin <= {overhead['config']['target']}x stock.", "",
-              f"| prompts x {overhead['config']['samples']} | estimator | stock s | plugin s | plugin/stock | reward hook s | hook/stock |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [f"Device {overhead['config']['device']} ({overhead['device_name']}), K = 2, fastest of "
+              f"{overhead['config']['repeats']}, labels as {overhead['config']['labels']}s, target plugin <= "
+              f"{overhead['config']['target']}x stock.", "",
+              f"| prompts x {overhead['config']['samples']} | estimator | stock s | plugin s | plugin/stock | reward hook s "
+              "| hook/stock | shipping 64 experiences: plugin/stock s (bytes) |", "|---|---|---|---|---|---|---|---|"]
     for r in overhead["rows"]:
         lines.append(f"| {r['prompts']} | {r['estimator']} | {r['stock_s']:.4f} | {r['plugin_s']:.4f} | {r['ratio']:.3f}x "
-                     f"| {r['hook_s']:.4f} | {r['hook_share']:.3f} |")
+                     f"| {r['hook_s']:.4f} | {r['hook_share']:.3f} | {r['ship_ratio']:.2f}x ({r['ship_bytes_ratio']:.2f}x) |")
     lines += ["", f"Worst ratio {overhead['worst_ratio']:.3f}x.", ""]
 else:
     lines += ["The benchmark wrote no results; its output:", "```", tail("overhead.log"), "```", ""]
