@@ -65,7 +65,7 @@ def references_from_labels(
             refs = torch.tensor(values, dtype=torch.float64)
             if bool(torch.isfinite(refs).all()):
                 return refs.float().reshape(len(rows), len(names))
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, LookupError):  # e.g. bad JSON, a missing key, an entry that is a number or array
         pass
     out: List[List[float]] = []
     for i, label in enumerate(labels):

@@ -91,6 +91,21 @@ def test_parse_label_returns_the_dict_and_cuts_long_labels_in_messages():
     assert str(e.value).endswith("got list " + repr(["x" * 200])[:80])
 
 
+def test_numpy_float64_references_are_read_like_floats():
+    """np.float64 is a float (labels built from numpy values); float32 out even under a float64 default dtype."""
+    labels = [{"a": {"reference": np.float64(1.5)}}, json.dumps({"a": {"reference": 2}})]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        refs = references_from_labels(labels, ["a"], "ref")
+    finally:
+        torch.set_default_dtype(default)
+    assert refs.dtype == torch.float32 and refs.tolist() == [[1.5], [2.0]]
+    assert references_from_labels(labels[:1] * 3, ["a", "a"], "ref").tolist() == [[1.5, 1.5]] * 3
+    # an integer reads as float() then float32, as the JSON number it is: not one rounding to float32 (2**60 + 2**37)
+    assert references_from_labels([{"a": {"reference": 2**60 + 2**36 + 1}}], ["a"], "ref").item() == 2.0**60
+
+
 def test_identical_label_strings_are_parsed_once():
     calls = []
     real_loads = json.loads
@@ -109,7 +124,9 @@ def test_identical_label_strings_are_parsed_once():
     assert calls == [one, two]
 
 
-GOOD = st.one_of(st.floats(-1e30, 1e30), st.integers(-10**6, 10**6), st.sampled_from([FLOAT32_MAX, -FLOAT32_MAX]))
+# 2**60 + 2**36 + 1 reads as float() then float32 (2**60), not as one rounding of the integer (2**60 + 2**37).
+GOOD = st.one_of(st.floats(-1e30, 1e30), st.integers(-10**6, 10**6), st.floats(-1e6, 1e6).map(np.float64),
+                 st.sampled_from([FLOAT32_MAX, -FLOAT32_MAX, 2**60 + 2**36 + 1]))
 BAD = st.one_of(st.sampled_from([float("nan"), float("inf"), -float("inf"), True, False, None, "1.5", [1.0], 3.5e38,
                                  int(FLOAT32_MAX) + 1, 10**400]), st.text(max_size=2))
 
