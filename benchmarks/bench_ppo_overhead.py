@@ -13,7 +13,7 @@ without the noise. A last column pickles 64 of the experiences each step returns
 hands them to the actors: plugin/stock time and bytes.
 
     python benchmarks/bench_ppo_overhead.py [--prompts 256,1024,4096,8192] [--estimators gae,group_norm]
-        [--samples 8] [--repeats 5] [--device cpu|cuda] [--out results.json] [--profile]
+        [--samples 8] [--repeats 5] [--labels object|string] [--device cpu|cuda] [--out results.json] [--profile]
 
 `--profile` adds, per size, where the plugin's extra time goes (cProfile of one plugin step, top functions).
 On a machine without flash-attn/vLLM/Ray/datasets the test-only stand-ins of tests/ are put on the path.
@@ -180,8 +180,9 @@ def main():
     stock = patched.__lsc_original__
     n = opt.samples
     rows = []
-    print(f"reward/advantage step, K = {len(NAMES)}, {opt.tokens} tokens, micro-batches of {opt.micro_batch}, labels as {opt.labels}s, "
-          f"fastest of {opt.repeats}, device {opt.device}" + ("" if opt.device == "cuda" else " (CPU, not a GPU result)"))
+    print(f"reward/advantage step, K = {len(NAMES)}, {opt.tokens} tokens, micro-batches of {opt.micro_batch}, "
+          f"labels as {opt.labels}s, fastest of {opt.repeats}, device {opt.device}"
+          + ("" if opt.device == "cuda" else " (CPU, not a GPU result)"))
     print(f"| prompts x {n} | estimator | stock s | plugin s | plugin/stock | reward hook s | hook/stock "
           f"| shipping {SHIP} experiences: plugin/stock s (bytes) |")
     print("|---|---|---|---|---|---|---|---|")
