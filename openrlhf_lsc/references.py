@@ -37,7 +37,11 @@ def parse_label(label: Any, where: str, label_key: str) -> Dict[str, Any]:
 
 
 def references_from_labels(
-    labels: Sequence[Any], names: Sequence[str], label_key: str, where: Optional[Sequence[str]] = None
+    labels: Sequence[Any],
+    names: Sequence[str],
+    label_key: str,
+    where: Optional[Sequence[str]] = None,
+    device: Optional[torch.device] = None,
 ) -> torch.Tensor:
     """Read `[B, K]` references from B labels for the K reward models named `names`.
 
@@ -46,9 +50,10 @@ def references_from_labels(
         names: reward-model names, in the column order of the rewards.
         label_key: the dataset field name, used in error messages (`--data.label_key`).
         where: optional description of each row for error messages (default "prompt i").
+        device: where the tensor is made (the rewards' device; default the CPU).
 
     Returns:
-        float32 tensor `[B, K]`. A reference that is missing, not a number, not finite or beyond float32's
+        float32 tensor `[B, K]` on `device`. A reference that is missing, not a number, not finite or beyond float32's
         range raises ValueError naming the row, the field and the reward model.
 
     Example:
@@ -62,7 +67,7 @@ def references_from_labels(
         values = [row[name]["reference"] for row in rows for name in names]
         numbers = all(type(v) is float or type(v) is int for v in values)  # not bool
         if numbers and max(map(abs, values), default=0) <= FLOAT32_MAX:
-            refs = torch.tensor(values, dtype=torch.float64)
+            refs = torch.tensor(values, dtype=torch.float64, device=device)
             if bool(torch.isfinite(refs).all()):
                 return refs.float().reshape(len(rows), len(names))
     except (ValueError, TypeError, LookupError):  # e.g. bad JSON, a missing key, an entry that is a number or array
@@ -88,7 +93,7 @@ def references_from_labels(
                 )
             row.append(float(value))
         out.append(row)
-    return torch.tensor(out, dtype=torch.float32).reshape(len(out), len(names))
+    return torch.tensor(out, dtype=torch.float32, device=device).reshape(len(out), len(names))
 
 
 def sample_statistics(scores: torch.Tensor, quantiles: Sequence[float]) -> Dict[str, torch.Tensor]:

@@ -62,7 +62,7 @@ def transform_reward(reward: torch.Tensor, reference: Optional[torch.Tensor] = N
         return F.logsigmoid(r)
     if reference is None:
         raise ValueError(f"transform {kind!r} needs a reference value r_ref(x) (--lsc.reference)")
-    ref = _as_float(reference).to(r.device)
+    ref = _as_float(torch.as_tensor(reference, device=r.device))  # a CPU or Python reference meets r on its device
     check_finite(ref, "references")
     if ref.dim() != 0 and ref.shape != r.shape:
         raise ValueError(
@@ -132,7 +132,7 @@ def aggregate_rewards(
     rewards = torch.as_tensor(rewards)
     k = _check_rewards_2d(rewards)
     if references is not None:
-        references = torch.as_tensor(references)
+        references = torch.as_tensor(references, device=rewards.device)
         if references.shape not in (rewards.shape, (k,)):
             raise ValueError(
                 f"got {k} reward models but references of shape {tuple(references.shape)}: expected "
@@ -305,7 +305,7 @@ def reward_utilities(
 
     refs = None
     if spec.reference == "constant":
-        refs = torch.tensor(spec.reference_value, dtype=r.dtype).expand(n, k)
+        refs = torch.tensor(spec.reference_value, dtype=r.dtype, device=r.device).expand(n, k)
     elif spec.reference == "group":
         refs = group_quantile_reference(r, group_size, spec.quantile)
     elif spec.reference == "label":
@@ -318,7 +318,7 @@ def reward_utilities(
                 p = next(i for i, (a, b) in enumerate(zip(labels[j::group_size], per_prompt)) if a != b)
                 what = where[p] if where is not None else f"prompt {p}"
                 raise ValueError(f"{what}: its {group_size} samples carry different {spec.label_key!r} labels")
-        refs = references_from_labels(per_prompt, spec.names, spec.label_key, where)
+        refs = references_from_labels(per_prompt, spec.names, spec.label_key, where, device=r.device)
         refs = refs.to(r.dtype).repeat_interleave(group_size, 0)
 
     per_rm = transform_reward(r, refs, spec.transform)  # [N, K], transformed once

@@ -168,3 +168,50 @@ def test_api_input_rules(call, message):
 def test_scalar_reference_is_the_documented_exception():
     u = transform_reward(torch.tensor([0.0, 2.0]), torch.tensor(1.0), "center")
     assert u.tolist() == [-1.0, 1.0]
+
+
+REFERENCES = [("none", {}), ("label", {"label_key": "ref"}), ("group", {"quantile": 0.75}),
+              ("constant", {"reference_value": (0.5, -1.0)})]
+
+
+@pytest.mark.parametrize("reference, extra, transform", [(r, e, t) for r, e in REFERENCES
+                                                         for t in ("raw", "lsc", "center", "sigmoid")
+                                                         if r != "none" or t == "raw"])
+@pytest.mark.parametrize("aggregate, weights", [("and", None), ("weighted", (0.3, 0.7))])
+def test_every_tensor_follows_the_rewards_device(reference, extra, transform, aggregate, weights):
+    """Every tensor the pipeline creates takes the rewards' device (a CPU reference met CUDA rewards on the GPU):
+    under the device trap a tensor built on the default device is a meta tensor and fails where CUDA would."""
+    from device_trap import device_trap
+
+    spec = RewardSpec(names=("a", "b"), transform=transform, aggregate=aggregate, weights=weights,
+                      reference=reference, **extra)
+    rewards = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(torch.bfloat16)
+    labels = [{"a": {"reference": 0.1 * (i // 4)}, "b": {"reference": -0.2}} for i in range(8)]
+    labels = labels if reference == "label" else None
+    expected, expected_metrics = reward_utilities(rewards, spec, labels, group_size=4)
+    expected_u = aggregate_rewards(rewards.float(), torch.tensor([0.5, -1.0]), "lsc", aggregate, weights)
+    expected_t = transform_reward(rewards[:, 0], torch.full((8,), 0.5), "lsc")
+    with device_trap():
+        utility, metrics = reward_utilities(rewards, spec, labels, group_size=4)
+        torch.testing.assert_close(utility, expected, rtol=0, atol=0)
+        for key, value in expected_metrics.items():
+            torch.testing.assert_close(metrics[key], value, rtol=0, atol=0)
+        u = aggregate_rewards(rewards.float(), [0.5, -1.0], "lsc", aggregate, weights)  # [K] constants as a list
+        torch.testing.assert_close(u, expected_u, rtol=0, atol=0)
+        torch.testing.assert_close(transform_reward(rewards[:, 0], 0.5, "lsc"), expected_t, rtol=0, atol=0)
+        refs = references_from_labels([{"a": {"reference": 1.5}}], ["a"], "ref", device=rewards.device)
+        assert refs.device == rewards.device and refs.tolist() == [[1.5]]
+
+
+def test_the_device_trap_catches_a_tensor_on_the_default_device():
+    """The trap itself: a tensor made without the inputs' device fails inside it, one made with it does not."""
+    from device_trap import device_trap
+
+    r = torch.ones(3)
+    with device_trap():
+        assert (r + torch.tensor([1.0, 2.0, 3.0], device=r.device)).tolist() == [2.0, 3.0, 4.0]
+        assert torch.as_tensor(r).device == r.device
+        with pytest.raises(RuntimeError):
+            (r + torch.tensor([1.0, 2.0, 3.0])).tolist()
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            torch.zeros(3).to(r.device)
