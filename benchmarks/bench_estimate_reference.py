@@ -7,7 +7,11 @@
 2. Scaling: wall time of the whole estimator (HF-generate sampler + RM scoring) as k and the number of
    prompts grow.
 
-    python benchmarks/bench_estimate_reference.py [--prompts 32] [--k 8] [--repeats 3] [--out results.json]
+    python benchmarks/bench_estimate_reference.py [--prompts 32] [--k 8] [--repeats 3] [--device cuda|cpu]
+        [--quick] [--out results.json]
+
+The RM and the policy run on `--device` (default: CUDA when available). `--out` is rewritten after each part, so a
+run cut short keeps what it measured; `--quick` shrinks the scaling grid (a check of the command).
 
 On a CPU machine the flash-attn stand-in from tests/stubs is put on the path (openrlhf.models imports it).
 """
@@ -56,12 +60,13 @@ def text(rng: random.Random, n: int) -> str:
 def plain_forward(rm, prompts, responses, batch_size):
     """serve_rm's get_reward: batches in input order, each padded to its longest query."""
     queries = [p + r for p, r in zip(prompts, responses)]
+    device = next(rm.model.parameters()).device
     out = []
     with torch.inference_mode():
         for b in range(0, len(queries), batch_size):
             batch = rm.tokenizer(queries[b : b + batch_size], return_tensors="pt", add_special_tokens=False,
                                  max_length=rm.max_len, padding=True, truncation=True)
-            out += rm.model(batch["input_ids"], batch["attention_mask"]).float().tolist()
+            out += rm.model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().tolist()
     return out
 
 
@@ -108,7 +113,7 @@ def bench_scoring(rm, num_prompts, k, batch_size, repeats):
     }
 
 
-def bench_scaling(sampler, rm, grid):
+def bench_scaling(sampler, rm, grid, save):
     from openrlhf_lsc import estimate
 
     rng = random.Random(1)
@@ -122,6 +127,7 @@ def bench_scaling(sampler, rm, grid):
         s = time.perf_counter() - t
         rows.append({"prompts": num_prompts, "k": k, "seconds": s, "ms_per_sample": 1000 * s / (num_prompts * k)})
         print(f"  prompts {num_prompts:4d}  k {k:3d}  {s:7.2f} s  {rows[-1]['ms_per_sample']:7.1f} ms/sample", flush=True)
+        save(rows)
     return rows
 
 
@@ -134,8 +140,18 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max_new_tokens", type=int, default=32, help="scaling benchmark: response budget")
-    ap.add_argument("--out", default=None, help="write results as JSON here")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    ap.add_argument("--quick", action="store_true", help="a small scaling grid (checks the command)")
+    ap.add_argument("--out", default=None, help="write results as JSON here (after each part)")
     opt = ap.parse_args()
+    result = {"config": vars(opt), "threads": torch.get_num_threads(),
+              "device_name": torch.cuda.get_device_name() if opt.device == "cuda" else "cpu"}
+
+    def save(**parts):
+        result.update(parts)
+        if opt.out:
+            Path(opt.out + ".tmp").write_text(json.dumps(result, indent=1))
+            Path(opt.out + ".tmp").replace(opt.out)
 
     from transformers import AutoModelForCausalLM
 
@@ -147,23 +163,21 @@ def main():
         root = Path(tmp)
         build_models(root, opt.hidden, opt.layers)
         rm = LocalRewardModel(str(root / "rm"), attn_implementation="sdpa", batch_size=opt.batch_size)
+        rm.model.to(opt.device)
         print(f"scoring: {opt.prompts} prompts x k={opt.k}, RM hidden {opt.hidden} x {opt.layers} layers", flush=True)
         scoring = bench_scoring(rm, opt.prompts, opt.k, opt.batch_size, opt.repeats)
         print(f"  estimator {scoring['estimator_pairs_per_s']:.1f} pairs/s, plain forward "
               f"{scoring['plain_pairs_per_s']:.1f} pairs/s -> ratio {scoring['throughput_ratio']:.2f}x wall, "
               f"{scoring['throughput_ratio_cpu']:.2f}x CPU time (target >= 0.9), "
               f"max |mean diff| {scoring['max_abs_mean_diff']:.2e}", flush=True)
+        save(scoring=scoring)
 
         tok = get_tokenizer(str(root / "policy"), None, "left", None)
-        policy = AutoModelForCausalLM.from_pretrained(str(root / "policy"), dtype=torch.bfloat16).eval()
+        policy = AutoModelForCausalLM.from_pretrained(str(root / "policy"), dtype=torch.bfloat16).to(opt.device).eval()
         sampler = HFSampler(policy, tok, max_new_tokens=opt.max_new_tokens, batch_size=8)
         print(f"scaling (HF generate, {opt.max_new_tokens} new tokens, same RM):", flush=True)
-        grid = [(4, k) for k in (2, 4, 8, 16)] + [(p, 4) for p in (2, 8, 16)]
-        scaling = bench_scaling(sampler, rm, grid)
-
-    result = {"config": vars(opt), "threads": torch.get_num_threads(), "scoring": scoring, "scaling": scaling}
-    if opt.out:
-        Path(opt.out).write_text(json.dumps(result, indent=1))
+        grid = [(2, 2), (2, 4)] if opt.quick else [(4, k) for k in (2, 4, 8, 16)] + [(p, 4) for p in (2, 8, 16)]
+        bench_scaling(sampler, rm, grid, lambda rows: save(scaling=rows))
     print(json.dumps(result["scoring"], indent=1))
 
 

@@ -9,6 +9,7 @@ library is needed: D_R and the preference pairs are tokenized here (reading them
 DeepSpeed's optimizer is torch AdamW (`torch_adam`), so no CUDA op is compiled on the machine.
 """
 
+import gc
 import json
 import os
 import socket
@@ -264,6 +265,8 @@ def rehearsal_memory():
     LlamaForCausalLM(config).save_pretrained(root / "policy_100m")
     tok.save_pretrained(root / "policy_100m")
     out = {"params": sum(p.numel() for p in LlamaForCausalLM(config).parameters())}
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
     for checkpointing in (False, True):
         grads = {}
         env = _actor(root / "policy_100m", stage=3, bf16=True, grads=grads, micro=4,
@@ -278,14 +281,29 @@ def rehearsal_memory():
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated()
 
+        def activations():
+            """Memory one rehearsal micro-batch's forward holds for the backward, measured alone."""
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            nll = stream.nll(env.trainer.actor)
+            torch.cuda.synchronize()
+            held = torch.cuda.max_memory_allocated() - before
+            del nll
+            return held
+
         step(False)  # warm-up: the optimizer states are allocated in the first step
         plain, with_rehearsal, plain_again = step(False), step(True), step(False)
+        activation = activations()
+        env = stream = None  # the engine and its ZeRO-3 hooks form cycles: collect them before measuring what is left
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         out["checkpointing" if checkpointing else "no_checkpointing"] = {
             "plain_gib": plain / 2**30, "rehearsal_gib": with_rehearsal / 2**30, "plain_again_gib": plain_again / 2**30,
-            "ratio": with_rehearsal / plain,
+            "ratio": with_rehearsal / plain, "extra_gib": (with_rehearsal - plain) / 2**30,
+            "activation_gib": activation / 2**30, "leftover_gib": (torch.cuda.memory_allocated() - baseline) / 2**30,
         }
-        env = None  # frees the engine before empty_cache (the next loop builds its own)
-        torch.cuda.empty_cache()
     return out
 
 
@@ -293,6 +311,7 @@ def rm_scoring():
     """K = 2 tiny reward models loaded by OpenRLHF's get_llm_for_sequence_regression (bf16, DeepSpeed ZeRO-3
     inference engines, as in RewardModelActor) score the same sequences as RewardModelActor.forward does,
     stacked to [N, K] (the plugin's multi-RM reward actor), then reward_utilities on the device."""
+    from device_trap import device_trap
     from openrlhf.models import get_llm_for_sequence_regression
     from transformers import AutoTokenizer, LlamaForSequenceClassification
 
@@ -325,7 +344,8 @@ def rm_scoring():
     rewards = torch.stack(device_scores, dim=-1)  # [N, K], as the plugin's reward actor returns
     spec = RewardSpec(names=("A", "B"), transform="lsc", aggregate="and", reference="label", label_key="lsc_ref")
     labels = [row["lsc_ref"] for row in rows]
-    utility, metrics = reward_utilities(rewards, spec, labels=labels)
+    with device_trap():  # a tensor built without the scores' device fails here, on CUDA and in the CPU self-test
+        utility, metrics = reward_utilities(rewards, spec, labels=labels)
     cpu_utility, _ = reward_utilities(torch.stack(cpu_scores, dim=-1), spec, labels=labels)
     return {
         "device": str(rewards.device), "dtype": str(rewards.dtype), "utility_dtype": str(utility.dtype),

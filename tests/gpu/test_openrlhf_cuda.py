@@ -1,6 +1,7 @@
 """OpenRLHF's own code on CUDA with the plugin: each check runs a step of tests/gpu/gpu_steps.py in a fresh
 process (DeepSpeed's distributed state and the CUDA context are per process) and checks what it measured.
-With `LSC_GPU_RESULTS=DIR` every step's measurements are also written to DIR/<step>.json (gpu_check.sh's report).
+With `LSC_GPU_RESULTS=DIR` every step's measurements are also written to DIR/<step>.json (gpu_check.sh's report);
+`LSC_GPU_STEP_TIMEOUT` (seconds, default 600) ends a stuck step, which then fails alone.
 """
 
 import json
@@ -27,9 +28,11 @@ def step(device, step_path, tmp_path):
 
 def run_step(name: str, device: str, path: list, tmp_path: Path) -> dict:
     out = tmp_path / f"{name}.json"
-    env = dict(os.environ, LSC_GPU_DEVICE=device, PYTHONPATH=os.pathsep.join(map(str, path)))
+    # the step's path first, then the caller's (gpu_check.sh puts the carried wheels' folder there)
+    inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    env = dict(os.environ, LSC_GPU_DEVICE=device, PYTHONPATH=os.pathsep.join([*map(str, path), *inherited]))
     proc = subprocess.run([sys.executable, "-m", "gpu_steps", name, str(out)], cwd=HERE, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=float(os.environ.get("LSC_GPU_STEP_TIMEOUT", 600)))
     assert proc.returncode == 0, f"step {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     result = json.loads(out.read_text())
     if os.environ.get("LSC_GPU_RESULTS"):
@@ -51,15 +54,19 @@ def test_zero3_actor_step_with_rehearsal(device, step):
 
 def test_rehearsal_peak_memory(device, step):
     """Peak GPU memory of the ZeRO-3 bf16 step with the rehearsal forward vs without: the rehearsal micro-batch
-    (as large as the PPO one here) keeps its activations until the one backward, so the step may grow by at
-    most one micro-batch's activations: below 2x the plain step."""
+    keeps its activations until the one backward, so the step grows by about one rehearsal micro-batch's
+    activations, measured alone (its forward with autograd): the extra is at least half of that and at most 1.25x
+    (+ 64 MiB). Each engine is freed before the next is built (memory back to the baseline), so an earlier engine
+    kept alive through ZeRO-3's hooks cannot inflate a peak."""
     r = step("rehearsal_memory")
     if "skipped" in r:
         pytest.skip(r["skipped"])
     for mode in ("no_checkpointing", "checkpointing"):
         m = r[mode]
-        assert m["plain_gib"] > 0 and 1.0 <= m["ratio"] < 2.0, r
+        assert m["plain_gib"] > 0 and m["activation_gib"] > 0, r
         assert abs(m["plain_again_gib"] - m["plain_gib"]) < 0.05 * m["plain_gib"], r  # the measurement repeats
+        assert 0.5 * m["activation_gib"] <= m["extra_gib"] <= 1.25 * m["activation_gib"] + 1 / 16, r
+        assert m["leftover_gib"] < 1 / 16, r  # the engine was freed
 
 
 def test_k_reward_models_through_the_reward_path(device, step):

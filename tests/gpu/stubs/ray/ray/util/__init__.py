@@ -1,1 +1,1 @@
-from . import placement_group, scheduling_strategies  # noqa: F401
+from . import placement_group, queue, scheduling_strategies  # noqa: F401
