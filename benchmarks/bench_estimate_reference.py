@@ -156,8 +156,8 @@ def main():
     from transformers import AutoModelForCausalLM
 
     from openrlhf.utils import get_tokenizer
-    from openrlhf_lsc.estimate import HFSampler
-    from openrlhf_lsc.integration.estimate_io import LocalRewardModel
+    from openrlhf_lsc.integration.offline import LocalRewardModel
+    from openrlhf_lsc.integration.samplers import HFSampler
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -173,7 +173,7 @@ def main():
     import openrlhf.trainer.ppo_utils.experience_maker as em
 
     from openrlhf_lsc.integration import register
-    from openrlhf_lsc.integration.ppo import reward_hook
+    from openrlhf_lsc.integration.reward_path import reward_hook
 
     register()
     patched = em.RemoteExperienceMaker.compute_advantages_and_returns

@@ -138,7 +138,7 @@ def _scores(fn: RewardFn, prompts: List[str], responses: List[str], name: str) -
     return torch.tensor([float("nan") if v is None else float(v) for v in out], dtype=torch.float64)
 
 
-def _group_scores(fn: RewardFn, prompts: List[str], responses: List[str], name: str, m: int):
+def group_scores(fn: RewardFn, prompts: List[str], responses: List[str], name: str, m: int):
     """Scores as `[len(prompts) // m, m]`, one row per prompt; after a `ScoreError` for the whole call, prompt by
     prompt. Returns (scores, {row: error message}) with NaN rows for the prompts that still failed."""
     try:
@@ -152,6 +152,25 @@ def _group_scores(fn: RewardFn, prompts: List[str], responses: List[str], name: 
                 rows.append(torch.full((m,), float("nan"), dtype=torch.float64))
                 errors[j // m] = str(e)
         return torch.stack(rows), errors
+
+
+def sample_and_score(prompts: Sequence[str], sampler: Sampler, reward_fns: Mapping[str, RewardFn], k: int):
+    """k responses per prompt, scored by every reward model: the step the estimator and the reranker share.
+
+    Args:
+        prompts: prompt texts as the policy sees them. sampler, reward_fns: as in `score_prompts`. k: samples each.
+
+    Returns:
+        (responses: k texts per prompt, scored: name -> (`[P, k]` float64 scores, NaN where one failed;
+        {prompt index: error} for the prompts whose scoring raised `ScoreError` even alone)).
+    """
+    responses = sampler(list(prompts), k)
+    if len(responses) != len(prompts) or any(len(r) != k for r in responses):
+        got = [len(r) for r in responses]
+        raise ValueError(f"sampler returned {got} responses for {len(prompts)} prompts, expected {k} each")
+    flat_prompts = [p for p in prompts for _ in range(k)]
+    flat_responses = [r for rs in responses for r in rs]
+    return responses, {name: group_scores(fn, flat_prompts, flat_responses, name, k) for name, fn in reward_fns.items()}
 
 
 def _sample_entry(scores: torch.Tensor, levels: Sequence[float]) -> Dict[str, Any]:
@@ -210,14 +229,8 @@ def score_prompts(
 
     todo = [i for i in live if sampled[i]] if sample_rms else []
     if todo:
-        responses = sampler([prompts[i] for i in todo], k)
-        if len(responses) != len(todo) or any(len(r) != k for r in responses):
-            got = [len(r) for r in responses]
-            raise ValueError(f"sampler returned {got} responses for {len(todo)} prompts, expected {k} each")
-        flat_prompts = [prompts[i] for i in todo for _ in range(k)]
-        flat_responses = [r for rs in responses for r in rs]
-        for name in sample_rms:
-            scores, errors = _group_scores(reward_fns[name], flat_prompts, flat_responses, name, k)
+        _, scored = sample_and_score([prompts[i] for i in todo], sampler, {n: reward_fns[n] for n in sample_rms}, k)
+        for name, (scores, errors) in scored.items():
             for j, (i, row) in enumerate(zip(todo, scores)):
                 records[i][name] = {"error": errors[j], "retry": True} if j in errors else _sample_entry(row, levels)
 
@@ -228,7 +241,7 @@ def score_prompts(
         flat_prompts = [prompts[i] for i in live for _ in range(m)]
         flat_responses = list(canned_responses) * len(live)
         for name in canned_rms:
-            scores, errors = _group_scores(reward_fns[name], flat_prompts, flat_responses, name, m)
+            scores, errors = group_scores(reward_fns[name], flat_prompts, flat_responses, name, m)
             for j, (i, row) in enumerate(zip(live, scores)):
                 # All variants or none: a mean over a prompt-dependent subset would not be comparable across prompts.
                 bad = int((~torch.isfinite(row)).sum())
@@ -423,7 +436,7 @@ def estimate_references(
     Args:
         prompts: prompt texts as the policy sees them.
         sampler: `sampler(prompts, k)` -> k response texts per prompt, e.g.
-            `HFSampler(policy, tokenizer, max_new_tokens=...)`.
+            `openrlhf_lsc.integration.samplers.HFSampler(policy, tokenizer, max_new_tokens=...)`.
             Seed torch before calling for reproducible samples.
         reward_fns: reward-model name -> `fn(prompts, responses)` -> scores (the RM sees prompt + response).
         method, q: per reward model (one for all, a list aligned with `reward_fns`, or a dict).
@@ -444,80 +457,3 @@ def estimate_references(
     sampled = sampled_mask(len(prompts), methods, num_learned_prompts, seed)
     records = score_prompts(prompts, sampler, reward_fns, methods, k, levels, canned_responses, sampled)
     return finish(records, methods, qs, features, holdout, seed)
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> List[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return sorted(set(eos) | {tokenizer.eos_token_id})
-
-
-class HFSampler:
-    """A `Sampler`: k responses per prompt with a Hugging Face causal LM's `generate` (the estimator's path
-    without vLLM; `openrlhf_lsc.integration.estimate_io.VLLMSampler` on GPUs)."""
-
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        max_len: Optional[int] = None,
-        batch_size: int = 8,
-    ):
-        """
-        Args:
-            model, tokenizer: an HF causal LM and its tokenizer (with a pad token).
-            max_new_tokens, temperature, top_p: as `--rollout.*`.
-            max_len: prompt + response budget (`--data.max_len`); longer prompts lose their start.
-            batch_size: prompts per `generate` call (each expands to k sequences).
-        """
-        if temperature <= 0:
-            raise ValueError(f"--rollout.temperature must be > 0 to draw k different samples, got {temperature}")
-        self.model, self.tokenizer = model, tokenizer
-        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.max_prompt = None if max_len is None else max_len - max_new_tokens
-        if self.max_prompt is not None and self.max_prompt < 1:
-            raise ValueError(
-                f"--data.max_len {max_len} leaves no room for a prompt with --rollout.max_new_tokens {max_new_tokens}"
-            )
-        self.batch_size = batch_size
-        self.eos = _eos_ids(model, tokenizer)
-
-    def decode(self, ids: List[int]) -> str:
-        """Response text up to and including the first EOS, special tokens kept."""
-        for j, t in enumerate(ids):
-            if t in self.eos:
-                ids = ids[: j + 1]
-                break
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-    @torch.inference_mode()
-    def __call__(self, prompts: List[str], k: int) -> List[List[str]]:
-        """Return k sampled response texts for each prompt."""
-        out = []
-        device = self.model.device
-        pad = self.tokenizer.pad_token_id
-        for b in range(0, len(prompts), self.batch_size):
-            ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[b : b + self.batch_size]]
-            if self.max_prompt is not None:
-                ids = [x[-self.max_prompt :] for x in ids]
-            width = max(len(x) for x in ids)
-            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-            gen = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                do_sample=True,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                top_k=0,  # off, as vLLM's default and OpenRLHF's --rollout.top_k -1
-                max_new_tokens=self.max_new_tokens,
-                min_new_tokens=1,
-                num_return_sequences=k,
-                pad_token_id=pad,
-                eos_token_id=self.eos,
-            )[:, width:].tolist()
-            out += [[self.decode(gen[j * k + t]) for t in range(k)] for j in range(len(ids))]
-        return out

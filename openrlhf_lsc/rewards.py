@@ -203,7 +203,7 @@ class RewardSpec:
         weights: K weights, only with `weighted`.
         reference: `none`, `label` (per prompt, from the label field), `group` (the `quantile` of the prompt's
             own samples) or `constant` (`reference_value`, one per reward model).
-        quantile: in (0, 1), only with `group`.
+        quantile: in (0, 1), only with `group`; None there means 0.5 (the median of the prompt's samples).
         reference_value: K finite constants, only with `constant`.
         label_key: the dataset field holding the labels (`--data.label_key`), named in error messages.
 
@@ -241,7 +241,9 @@ class RewardSpec:
         if self.transform in NEEDS_REFERENCE and self.reference == "none":
             raise ValueError(f"--lsc.transform {self.transform} needs a reference: set --lsc.reference label|group|constant")
         if self.reference == "group":
-            if self.quantile is None or not 0.0 < self.quantile < 1.0:
+            if self.quantile is None:
+                object.__setattr__(self, "quantile", 0.5)
+            if not 0.0 < self.quantile < 1.0:
                 raise ValueError(f"--lsc.reference group needs --lsc.quantile in (0, 1), got {self.quantile}")
         elif self.quantile is not None:
             raise ValueError("--lsc.quantile is only used with --lsc.reference group")

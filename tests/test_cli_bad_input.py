@@ -216,11 +216,6 @@ def argv_for(w, tool, changes):
     return argv, fill
 
 
-def test_table_has_enough_rows():
-    assert len(ROWS) >= 60 and sum(r[3] == SUB for r in ROWS) >= 4
-    assert {r[0] for r in ROWS} == {E, S}
-
-
 @pytest.mark.parametrize("tool, changes, named, mode", ROWS, ids=[f"{r[0][:3]}-{i}" for i, r in enumerate(ROWS)])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(world, capsys, tool, changes, named, mode):
     argv, fill = argv_for(world, tool, changes)
@@ -278,3 +273,37 @@ def test_negative_numbers_parse_in_flags(world, capsys):
     with pytest.raises(SystemExit):  # parsed as numbers, then refused by the range check (not "expected one argument")
         est_parser().parse(argv)
     assert "argument --ref.quantiles: expected a number in (0, 1), got -.5" in capsys.readouterr().err
+
+
+HEAVY = ("deepspeed", "openrlhf.utils", "ray", "vllm", "datasets")
+CHECK_IMPORTS = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    print("exit", e.code, "loaded", sorted(m for m in {heavy} if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("openrlhf_lsc.cli.rerank", ["--data.prompt_dataset", "/no/such.jsonl", "--actor.model_name_or_path", "a/b",
+                                 "--rm.paths", "c/d", "--output.dir", "/tmp/lsc_unused"]),
+    ("openrlhf_lsc.cli.estimate_reference", ["--data.prompt_dataset", "/no/such.jsonl", "--actor.model_name_or_path",
+                                             "a/b", "--rm.paths", "c/d", "--output.dir", "/tmp/lsc_unused"]),
+    ("openrlhf_lsc.cli.select_rehearsal", ["--data.dataset", "/no/such.jsonl", "--select.n_clusters", "2",
+                                           "--select.rehearsal_k", "1", "--select.ppo_fraction", "0.5",
+                                           "--score.key", "s", "--output.dir", "/tmp/lsc_unused"]),
+    ("openrlhf_lsc.cli.train_ppo_ray", ["--actor.model_name_or_path", "a/b", "--lsc.reward_models", "/no/such/rm",
+                                        "--lsc.transform", "lsc", "--lsc.reference", "group",
+                                        "--rollout.n_samples_per_prompt", "2"]),
+])
+def test_a_bad_path_is_reported_before_openrlhfs_heavy_modules_load(module, argv):
+    """Every CLI checks its flags before importing DeepSpeed, Ray or OpenRLHF's utils (~10 s): the offline tools once
+    imported DeepSpeed through OpenRLHF's `hierarchize` first and took 3x as long as train_ppo_ray to say a path is
+    wrong. One `hierarchize` (OpenRLHF's own, read from its file) now serves every CLI."""
+    code = CHECK_IMPORTS.format(heavy=HEAVY)
+    out = subprocess.run([sys.executable, "-c", code, module, *argv], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, cwd=ROOT)
+    assert out.stdout.strip() == "exit 2 loaded []", out.stdout + out.stderr[-2000:]
+    assert out.stderr.count("\n") == 1 and "no such" in out.stderr, out.stderr

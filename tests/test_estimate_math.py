@@ -11,6 +11,7 @@ import torch
 from scipy import stats
 
 from openrlhf_lsc import estimate
+from openrlhf_lsc.integration.samplers import HFSampler
 from openrlhf_lsc.references import gaussian_reference
 
 Z = stats.norm.ppf
@@ -674,7 +675,7 @@ def test_sampler_stops_at_the_union_of_the_configs_and_the_tokenizers_eos(eos, e
     lm = _LM(eos, [])
     if eos == "unset":  # a generation config without the attribute at all
         lm.generation_config = type("GC", (), {})()
-    sampler = estimate.HFSampler(lm, _Tok(), max_new_tokens=4)
+    sampler = HFSampler(lm, _Tok(), max_new_tokens=4)
     assert sampler.eos == expected
     for e in expected:  # cut after the first EOS of any kind, which is kept
         assert sampler.decode([11, e, 12, 2]) == f"11|{e}"
@@ -689,7 +690,7 @@ def test_sampler_left_pads_truncates_batches_and_generates_as_openrlhf_rollouts(
     k = 2
     tokens = [[[30 + 10 * j, 2, 0], [40 + 10 * j, 41 + 10 * j, 42 + 10 * j]] for j in range(4)]  # EOS then pad; no EOS
     lm = _LM([5], tokens)
-    sampler = estimate.HFSampler(lm, tok, max_new_tokens=3, temperature=0.7, top_p=0.9, max_len=7, batch_size=3)
+    sampler = HFSampler(lm, tok, max_new_tokens=3, temperature=0.7, top_p=0.9, max_len=7, batch_size=3)
     out = sampler(prompts, k)
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     # batches of 3 then 1; prompts keep their last max_len - max_new_tokens = 4 tokens, left-padded with pad id 0
@@ -707,14 +708,14 @@ def test_sampler_left_pads_truncates_batches_and_generates_as_openrlhf_rollouts(
 def test_sampler_without_max_len_keeps_whole_prompts_and_checks_its_settings():
     tok = _Tok()
     lm = _LM(None, [[[2]]] * 3)
-    estimate.HFSampler(lm, tok, max_new_tokens=2, batch_size=8)(["a b c d e", "f", "g h"], 1)
+    HFSampler(lm, tok, max_new_tokens=2, batch_size=8)(["a b c d e", "f", "g h"], 1)
     assert lm.calls[0][0] == [tok("a b c d e", add_special_tokens=False)["input_ids"], [0] * 4 + tok("f", add_special_tokens=False)["input_ids"], [0] * 3 + tok("g h", add_special_tokens=False)["input_ids"]]
-    assert estimate.HFSampler(lm, tok, max_new_tokens=5, max_len=6).max_prompt == 1  # one prompt token is enough
+    assert HFSampler(lm, tok, max_new_tokens=5, max_len=6).max_prompt == 1  # one prompt token is enough
     with pytest.raises(ValueError, match=r"^--data.max_len 5 leaves no room for a prompt with --rollout.max_new_tokens 5$"):
-        estimate.HFSampler(lm, tok, max_new_tokens=5, max_len=5)
+        HFSampler(lm, tok, max_new_tokens=5, max_len=5)
     for bad in (0.0, -1.0):
         with pytest.raises(ValueError, match=rf"^--rollout.temperature must be > 0 to draw k different samples, got {bad}$"):
-            estimate.HFSampler(lm, tok, max_new_tokens=2, temperature=bad)
-    assert estimate.HFSampler(lm, tok, max_new_tokens=2, temperature=1e-3).temperature == 1e-3
-    default = estimate.HFSampler(lm, tok, max_new_tokens=2)  # OpenRLHF's --rollout.* defaults
+            HFSampler(lm, tok, max_new_tokens=2, temperature=bad)
+    assert HFSampler(lm, tok, max_new_tokens=2, temperature=1e-3).temperature == 1e-3
+    default = HFSampler(lm, tok, max_new_tokens=2)  # OpenRLHF's --rollout.* defaults
     assert (default.temperature, default.top_p, default.batch_size, default.max_prompt) == (1.0, 1.0, 8, None)

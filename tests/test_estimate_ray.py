@@ -23,12 +23,12 @@ def test_vllm_sampler_and_ray_reward_model(ray_cluster, tmp_path, monkeypatch):
 
     import openrlhf.trainer.ray.vllm_engine as vllm_engine
     from openrlhf.utils import get_tokenizer
-    from openrlhf_lsc.integration import estimate_io
+    from openrlhf_lsc.integration import offline, samplers
 
     models = tiny_models.build(tmp_path)
     monkeypatch.setattr(vllm_engine, "create_vllm_engines", fake_vllm.create_vllm_engines)
     tok = get_tokenizer(str(models / "policy"), None, "left", None)
-    sampler = estimate_io.VLLMSampler(str(models / "policy"), tok, max_new_tokens=6, max_len=64, num_engines=1)
+    sampler = samplers.VLLMSampler(str(models / "policy"), tok, max_new_tokens=6, max_len=64, num_engines=1)
     prompts = ["what is two plus three?", "good", "question 5: what is one?"]
     decoded = []  # the response token ids the sampler cuts out of OpenRLHF's observation tokens
 
@@ -44,8 +44,8 @@ def test_vllm_sampler_and_ray_reward_model(ray_cluster, tmp_path, monkeypatch):
 
     flat_p = [p for p in prompts for _ in range(3)]
     flat_r = [r for rs in responses for r in rs]
-    remote = estimate_io.RayRewardModel(str(models / "rm_a"), num_actors=1, num_gpus_per_actor=1, batch_size=4)
-    local = estimate_io.LocalRewardModel(str(models / "rm_a"), batch_size=4)
+    remote = offline.RayRewardModel(str(models / "rm_a"), num_actors=1, num_gpus_per_actor=1, batch_size=4)
+    local = offline.LocalRewardModel(str(models / "rm_a"), batch_size=4)
     assert remote(flat_p, flat_r) == local(flat_p, flat_r)  # same weights, same batches: identical
     assert torch.isfinite(torch.tensor(local(flat_p, flat_r))).all()
 
@@ -73,7 +73,7 @@ def test_cli_with_vllm_engines_scores_in_ray_actors_with_a_create_vllm_engines_c
 
     import openrlhf.trainer.ray.vllm_engine as vllm_engine
     from openrlhf_lsc.cli import estimate_reference
-    from openrlhf_lsc.integration import estimate_io
+    from openrlhf_lsc.integration import offline
 
     real, calls, actors = vllm_engine.create_vllm_engines, [], []
 
@@ -81,20 +81,20 @@ def test_cli_with_vllm_engines_scores_in_ray_actors_with_a_create_vllm_engines_c
         calls.append(inspect.signature(real).bind(*args, **kwargs).arguments)  # TypeError on a call it would refuse
         return fake_vllm.create_vllm_engines(*args, **kwargs)
 
-    class Recording(estimate_io.RayRewardModel):
+    class Recording(offline.RayRewardModel):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             actors.append(self)
 
-    local_init, in_driver = estimate_io.LocalRewardModel.__init__, []
+    local_init, in_driver = offline.LocalRewardModel.__init__, []
 
     def record_local(self, *args, **kwargs):  # runs only here: Ray actors import the class afresh
         in_driver.append(args)
         local_init(self, *args, **kwargs)
 
     monkeypatch.setattr(vllm_engine, "create_vllm_engines", checked)
-    monkeypatch.setattr(estimate_io, "RayRewardModel", Recording)
-    monkeypatch.setattr(estimate_io.LocalRewardModel, "__init__", record_local)
+    monkeypatch.setattr(offline, "RayRewardModel", Recording)
+    monkeypatch.setattr(offline.LocalRewardModel, "__init__", record_local)
     models = tiny_models.build(tmp_path / "models")
     rows = [{"input": f"question {i}: what is {i} plus two?"} for i in range(3)]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -99,9 +99,9 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def io():
-    from openrlhf_lsc.integration import estimate_io
+    from openrlhf_lsc.integration import offline
 
-    return estimate_io
+    return offline
 
 
 # ----------------------------------------------------------------------------------- estimators vs numpy
@@ -325,9 +325,11 @@ def test_hf_sampler_follows_openrlhf_rollout_conventions(models, io):
     from transformers import AutoModelForCausalLM
     from openrlhf.utils import get_tokenizer
 
+    from openrlhf_lsc.integration.samplers import HFSampler
+
     tok = get_tokenizer(str(models / "policy"), None, "left", None)
     policy = AutoModelForCausalLM.from_pretrained(str(models / "policy"), dtype=torch.bfloat16).eval()
-    sampler = estimate.HFSampler(policy, tok, max_new_tokens=6, max_len=12, batch_size=2)
+    sampler = HFSampler(policy, tok, max_new_tokens=6, max_len=12, batch_size=2)
     prompts = ["what is two plus three?", "good", "question 5: what is one plus one plus two?"]
     widths, generated, decode, generate = [], [], sampler.decode, policy.generate
     policy.generate = lambda **kw: (widths.append(kw["input_ids"].shape[1]), generate(**kw))[1]
@@ -343,7 +345,7 @@ def test_hf_sampler_follows_openrlhf_rollout_conventions(models, io):
         assert len(ids) <= 6 and (tok.eos_token_id in ids or len(ids) == 6)
     assert sampler.decode([5, 6, tok.eos_token_id, tok.pad_token_id, 7]) == tok.decode([5, 6, tok.eos_token_id])
     with pytest.raises(ValueError, match="--rollout.temperature"):
-        estimate.HFSampler(policy, tok, max_new_tokens=6, temperature=0.0)
+        HFSampler(policy, tok, max_new_tokens=6, temperature=0.0)
 
 
 def test_load_prompts_ids_template_and_duplicates(tmp_path, io):

@@ -84,45 +84,30 @@ def module_argv(argv: list, module: str) -> list:
 
 def parse_ppo(argv: list, monkeypatch) -> object:
     """OpenRLHF's args namespace (with args.lsc) as the plugin CLI hands it to stock `train`, nothing started."""
-    import openrlhf.utils
-    import ray
-
-    from openrlhf_lsc import integration
     from openrlhf_lsc.cli import train_ppo_ray as cli
+    from openrlhf_lsc.integration import launch
+    from openrlhf_lsc.integration.stock_cli import StockCLI
 
     def stop(*args):
         raise Parsed(args[-1])
 
     monkeypatch.setattr(sys, "argv", list(sys.argv))
-    # where the CLI hands over to training: stock's train (through its first call, get_strategy, behind a
-    # started Ray), or the plugin's train functions; whichever this version of the CLI has
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(openrlhf.utils, "get_strategy", stop)
-    if hasattr(cli, "_init_ray"):
-        monkeypatch.setattr(cli, "_init_ray", lambda: None)
-    if hasattr(integration, "StockCLI"):
-        from openrlhf_lsc.integration import ppo
-
-        monkeypatch.setattr(integration.StockCLI, "train", stop)
-        monkeypatch.setattr(ppo, "train", stop)
+    monkeypatch.setattr(StockCLI, "train", stop)  # stock's train(args) (no --lsc.* flag) or the plugin's
+    monkeypatch.setattr(launch, "train", stop)
     with pytest.raises(Parsed) as parsed:
         cli.main(argv)
     return parsed.value.namespace
 
 
 def parse_rm(argv: list, monkeypatch) -> object:
-    import openrlhf.utils
-
-    from openrlhf_lsc import integration
     from openrlhf_lsc.cli import train_rm as cli
+    from openrlhf_lsc.integration.stock_cli import StockCLI
 
     def stop(*args):
         raise Parsed(args[-1])
 
     monkeypatch.setattr(sys, "argv", list(sys.argv))
-    monkeypatch.setattr(openrlhf.utils, "get_strategy", stop)
-    if hasattr(integration, "StockCLI"):
-        monkeypatch.setattr(integration.StockCLI, "train", stop)
+    monkeypatch.setattr(StockCLI, "train", stop)
     with pytest.raises(Parsed) as parsed:
         cli.main(argv)
     return parsed.value.namespace

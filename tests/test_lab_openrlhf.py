@@ -121,7 +121,7 @@ def test_saved_models_load_in_openrlhf(openrlhf, tmp_path):
 CHECKER = r'''
 import json, sys
 import openrlhf_lsc.cli.train_ppo_ray as cli
-import openrlhf_lsc.integration.ppo as ppo
+import openrlhf_lsc.integration.launch as launch
 
 class Parsed(Exception):
     pass
@@ -129,7 +129,7 @@ class Parsed(Exception):
 def stop(stock, args):
     raise Parsed(args)
 
-ppo.train = stop  # the CLI's last step: every stock and plugin check has passed by then
+launch.train = stop  # the CLI's last step: every stock and plugin check has passed by then
 try:
     cli.main(sys.argv[1:])
 except Parsed as e:

@@ -460,13 +460,13 @@ def test_patched_openrlhf_lsc_uses_the_reward_hook(clean_hooks, patched):
     import torch
 
     from openrlhf.trainer.ppo_utils.experience import Experience
-    from openrlhf_lsc.integration import ppo
+    from openrlhf_lsc.integration import reward_path
     from openrlhf_lsc.rewards import RewardSpec
 
     em = patched[1]
-    ppo.apply()
-    ppo.apply()
-    assert clean_hooks.REWARD_HOOKS == [ppo.reward_hook]
+    reward_path.apply()
+    reward_path.apply()
+    assert clean_hooks.REWARD_HOOKS == [reward_path.reward_hook]
     assert not hasattr(em.RemoteExperienceMaker.compute_advantages_and_returns, "__lsc_original__")
     raw = torch.tensor([[0.3, -1.2], [2.0, 0.4], [-0.7, 1.5], [1.1, 1.1]])
     maker = em.RemoteExperienceMaker.__new__(em.RemoteExperienceMaker)

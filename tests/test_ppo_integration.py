@@ -209,6 +209,106 @@ def test_transform_runs_before_stock_clipping(openrlhf_modules):
     assert out.info["lsc/clipped"] == [1.0, 0.0]
 
 
+@pytest.mark.parametrize("estimator", ["rloo", "group_norm", "reinforce", "reinforce_baseline"])
+def test_clipped_is_counted_where_stock_clips(openrlhf_modules, estimator):
+    """lsc/clipped is the fraction of rewards stock clips: after length penalties and the group baseline. Rewards
+    ~40 below their reference give utilities ~-40; a group baseline takes that away, so nothing is clipped there,
+    while reinforce (no baseline) clips them."""
+    em, Experience = openrlhf_modules
+    n = 4
+    raw = torch.tensor([-40.0, -41.0, -39.5, -42.0, -38.0, -43.0, -40.0, -45.0])
+    lsc = lsc_config(names=("rm",), transform="lsc", reference="constant", reference_value=(0.0,))
+    order, split = [5, 2, 7, 0, 3, 6, 1, 4], [3, 3, 2]
+    exps = make_maker(em, estimator, n, clip=(-10, 10), lsc=lsc).compute_advantages_and_returns(
+        experiences(Experience, raw, [""] * 8, order, split, n=n))
+    g = lsc_np(raw.double().numpy(), 0.0).reshape(-1, n)  # stock's group baselines, in numpy
+    if estimator == "rloo":
+        g = g - (g.sum(1, keepdims=True) - g) / (n - 1)
+    elif estimator == "reinforce_baseline":
+        g = g - g.mean(1, keepdims=True)
+    elif estimator == "group_norm":
+        g = (g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-9)
+    clipped = (np.abs(g.reshape(-1)) > 10).astype(float)
+    got = [v for e in exps for v in e.info["lsc/clipped"]]
+    assert got == clipped[order].tolist()
+    assert sum(got) == (8 if estimator == "reinforce" else 0)  # before the fix: 8 for every estimator
+
+
+def test_clipped_needs_the_plugin_and_a_clip_range(openrlhf_modules):
+    """Without --reward.clip_range nothing is counted; a stock step after a plugin step logs no lsc/clipped."""
+    em, Experience = openrlhf_modules
+    raw = torch.tensor([-40.0, 0.0])
+    lsc = lsc_config(names=("rm",), transform="lsc", reference="constant", reference_value=(0.0,))
+    out = make_maker(em, "reinforce", 1, clip=None, lsc=lsc).compute_advantages_and_returns(
+        experiences(Experience, raw, ["", ""], [0, 1], [2]))[0]
+    assert "lsc/clipped" not in out.info and "lsc/utility" in out.info
+    stock = make_maker(em, "reinforce", 1, clip=(-10, 10)).compute_advantages_and_returns(
+        experiences(Experience, raw, ["", ""], [0, 1], [2]))[0]
+    assert not any(k.startswith("lsc/") for k in stock.info)
+
+
+def test_wrappers_follow_a_changed_stock_default(openrlhf_modules):
+    """The wrappers bind through the wrapped function's own signature: when OpenRLHF changes a default, the plugin
+    follows it instead of passing the old one (here stock compute_reward's reward_clip_range and
+    ActorPPOTrainer.training_step's loss_batch_info)."""
+    from openrlhf_lsc.integration import bind, wrap
+
+    seen = []
+
+    class Host:
+        def step(self, experience, kl_ctl, step, loss_batch_info=None):
+            seen.append(loss_batch_info)
+
+    def make(original):
+        def step(self, *args, **kwargs):
+            call = bind(original, self, *args, **kwargs).arguments
+            seen.append(("wrapper saw", call["loss_batch_info"]))
+            return original(self, *args, **kwargs)
+
+        return step
+
+    wrap(Host, "step", ["self", "experience", "kl_ctl", "step", "loss_batch_info"], make)
+    Host.step.__lsc_original__.__defaults__ = ("changed",)  # "OpenRLHF" changes its default
+    Host().step("e", 0.1, 3)
+    assert seen == [("wrapper saw", "changed"), "changed"]
+
+    from openrlhf_lsc.integration import register
+
+    register()
+
+    def classes(module):  # Ray actors: the class Ray instantiates, which the plugin patches
+        return [getattr(c, "__ray_metadata__", None) and c.__ray_metadata__.modified_class or c
+                for c in vars(module).values() if isinstance(c, type) or hasattr(c, "__ray_metadata__")]
+
+    owners = [owner for module in list(sys.modules.values()) if getattr(module, "__name__", "").startswith("openrlhf.")
+              for owner in [module, *classes(module)]]
+    wrapped = [(f"{owner.__name__}.{name}", fn) for owner in owners
+               for name, fn in list(vars(owner).items()) if hasattr(fn, "__lsc_original__")]
+    assert len({n for n, _ in wrapped}) == 18, sorted({n for n, _ in wrapped})  # every patch of PPO, rehearsal, train_rm
+    for name, fn in wrapped:  # none restates a stock default: each takes what stock's signature gives it
+        assert fn.__defaults__ is None and not fn.__kwdefaults__, f"{name} restates {fn.__defaults__}"
+
+
+def test_a_failed_reward_model_load_leaves_no_stub(openrlhf_modules):
+    """K reward models: when loading the second fails, the actor keeps no stubbed _setup_distributed."""
+    from openrlhf.trainer.ray.launcher import RewardModelActor
+
+    from openrlhf_lsc.integration import reward_actor
+
+    cls = RewardModelActor.__ray_metadata__.modified_class
+    actor, calls = cls.__new__(cls), []
+
+    def stock_init(self, strategy, pretrain, **kwargs):
+        calls.append(pretrain)
+        if pretrain == "B":
+            raise OSError("no such model B")
+        self.model = pretrain
+
+    with pytest.raises(OSError, match="no such model B"):
+        reward_actor._wrap_init(stock_init)(actor, SimpleNamespace(), "A,B")
+    assert calls == ["A", "B"] and "_setup_distributed" not in actor.__dict__ and not hasattr(actor, "lsc_models")
+
+
 def test_what_the_plugin_adds_ships_at_the_size_of_its_micro_batch(openrlhf_modules):
     """Ray pickles every experience for the actors, and a tensor view pickles its whole storage: the plugin's share of
     a pickled micro-batch must not grow with the rollout batch."""

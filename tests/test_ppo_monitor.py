@@ -96,9 +96,9 @@ ORDER, SPLIT = [5, 2, 7, 0, 3, 6, 1, 4], [3, 5]
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_evaluator_columns_leave_the_utility_bit_identical(env, dtype):
-    from openrlhf_lsc.integration import ppo
+    from openrlhf_lsc.integration import monitor
 
-    ppo._set_step(1)
+    monitor._set_step(1)
     rewards = crafted(0).to(dtype)
     with_monitor = make_maker(env, monitor_cfg()).compute_advantages_and_returns(batch(env, rewards, ORDER, SPLIT))
     without = make_maker(env).compute_advantages_and_returns(batch(env, rewards[:, :2].clone(), ORDER, SPLIT))
@@ -111,13 +111,13 @@ def test_evaluator_columns_leave_the_utility_bit_identical(env, dtype):
 
 
 def test_monitor_metrics_match_an_independent_recomputation(env, tmp_path):
-    from openrlhf_lsc.integration import ppo
+    from openrlhf_lsc.integration import monitor
 
     cfg = monitor_cfg()
     steps = [(3, crafted(1)), (4, crafted(2, shift=0.7))]
     first = steps[0][1].double().numpy()
     for step, rewards in steps:
-        ppo._set_step(step)
+        monitor._set_step(step)
         out = make_maker(env, cfg, tmp_path).compute_advantages_and_returns(batch(env, rewards, ORDER, SPLIT))
         r = rewards.double().numpy()
         got = {}
@@ -174,10 +174,10 @@ def fit(env, tmp_path, monkeypatch, stop, episodes=2, prompts=8):
     import ray
     from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
 
-    from openrlhf_lsc.integration import ppo
+    from openrlhf_lsc.integration import monitor
 
     monkeypatch.setattr(ray, "get", lambda refs: refs)
-    monkeypatch.setattr(ppo, "_monitor", None)  # this run's monitor; the module's is restored afterwards
+    monkeypatch.setattr(monitor, "_monitor", None)  # this run's monitor; the module's is restored afterwards
     maker = make_maker(env, monitor_cfg(window=1, patience=2, stop=stop), tmp_path / "out")
     args = maker.strategy.args
     args.train = SimpleNamespace(num_episodes=episodes, dynamic_batch_enable=False)
@@ -215,7 +215,7 @@ def fit(env, tmp_path, monkeypatch, stop, episodes=2, prompts=8):
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logger = logging.getLogger("openrlhf_lsc.integration.ppo")
+    logger = logging.getLogger("openrlhf_lsc.integration.monitor")
     logger.addHandler(handler)
     try:
         trainer.fit()

@@ -349,13 +349,15 @@ def bad_argv(setup, tmp_path, *extra):
 def test_cli_bad_input_is_one_line_before_any_model_loads(setup, tmp_path, monkeypatch, capsys, extra, message):
     import re
 
+    from openrlhf_lsc.cli import pipeline
     from openrlhf_lsc.cli import rerank as cli
+    from openrlhf_lsc.integration import samplers
 
     def no_models(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(cli, "_sampler", no_models)
-    monkeypatch.setattr(cli, "_reward_fn", no_models)
+    monkeypatch.setattr(samplers, "from_args", no_models)
+    monkeypatch.setattr(pipeline, "reward_fn", no_models)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(bad_argv(setup, tmp_path, *extra))
     err = capsys.readouterr().err

@@ -122,7 +122,7 @@ def test_label_errors_name_the_prompt():
         (dict(names=("a",), weights=(1.0,)), "--lsc.weights is only used"),
         (dict(names=("a",), transform="lsc"), "needs a reference"),
         (dict(names=("a",), transform="sigmoid"), "needs a reference"),
-        (dict(names=("a",), reference="group"), "--lsc.quantile"),
+        (dict(names=("a",), reference="group", quantile=-0.5), "--lsc.quantile"),
         (dict(names=("a",), reference="group", quantile=1.0), "--lsc.quantile"),
         (dict(names=("a",), reference="group", quantile=0.0), "--lsc.quantile"),
         (dict(names=("a",), quantile=0.5), "--lsc.quantile is only used"),

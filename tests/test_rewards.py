@@ -263,7 +263,7 @@ def test_spec_defaults_and_normalised_fields():
          r"^--lsc.transform center needs a reference: set --lsc.reference label\|group\|constant$"),
         (dict(names=("a",), transform="lsc", reference="group", quantile=1.5),
          r"^--lsc.reference group needs --lsc.quantile in \(0, 1\), got 1.5$"),
-        (dict(names=("a",), transform="lsc", reference="group"), r"got None$"),
+        (dict(names=("a",), transform="lsc", reference="group", quantile=float("nan")), r"got nan$"),
         (dict(names=("a",), transform="lsc", reference="constant"),
          r"^--lsc.reference constant needs --lsc.reference_value with 1 values$"),
         (dict(names=("a", "b"), transform="lsc", reference="constant", reference_value=(1.0, float("nan"))),

@@ -1,5 +1,6 @@
-"""What the offline tools (`estimate_reference`, `select_rehearsal`) share: one-line errors, flag types that
-check values where they are parsed, checks of paths before anything loads, and atomic output sets.
+"""What every CLI shares: one-line errors, negative numbers as flag values, and, for the offline tools
+(`estimate_reference`, `rerank`, `select_rehearsal`), their parser, flag types that check values where they are
+parsed, checks of paths before anything loads, and resumable run folders with atomic output sets.
 Standard library only (plus safetensors/torch, imported only to read a checkpoint's tensor names).
 
 User errors print `<tool>: error: <what>` and exit 2, as argparse does; `--debug` shows the traceback.
@@ -21,6 +22,9 @@ from typing import Callable, List, Optional, Sequence
 from openrlhf_lsc.serve_rm import RewardServerError
 
 USER_ERRORS = (ValueError, RewardServerError)
+# argparse reads "-1,2", "-.5" in a list or "-1e3" as an unknown option: a dash then a digit, a dot and a digit, or
+# inf/nan is a value (no flag of these CLIs starts that way)
+NEGATIVE = re.compile(r"^-(\d|\.\d|inf|nan)", re.I)
 DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".py")
 NEWLINE = b"\n"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
@@ -48,20 +52,32 @@ class Parser(argparse.ArgumentParser):
         self.add_argument("--debug", action="store_true", help="on an error, also print the Python traceback")
 
     def error(self, message: str):
-        sys.stderr.write(f"{self.tool}: error: {message}\n")
-        sys.exit(2)
+        error_exit(self.tool, message)
 
     def parse(self, argv: Optional[Sequence[str]] = None):
         """Parse `argv` (default sys.argv[1:]) and hierarchize it as OpenRLHF's CLIs do."""
-        from openrlhf_lsc.integration.estimate_io import hierarchize
+        from openrlhf_lsc.integration.stock_cli import hierarchize
 
         argv = list(sys.argv[1:] if argv is None else argv)
-        # argparse reads "-1,2" or "-1e3" as an unknown option; a dash followed by a digit, a dot or inf/nan is
-        # a value here (no flag of these tools starts that way).
-        for i in range(len(argv) - 1, 0, -1):
-            if re.match(r"^-(\d|\.\d|inf|nan)", argv[i], re.I) and argv[i - 1].startswith("--") and "=" not in argv[i - 1]:
-                argv[i - 1 : i + 1] = [f"{argv[i - 1]}={argv[i]}"]
-        return hierarchize(self.parse_args(argv))
+        return hierarchize(self.parse_args(glue_negative_values(argv, self._actions)))
+
+
+def error_exit(tool: str, message: str):
+    """A user error: one line `<tool>: error: <message>` on stderr, exit 2 (argparse's convention, no usage)."""
+    sys.stderr.write(f"{tool}: error: {message}\n")
+    sys.exit(2)
+
+
+def glue_negative_values(argv: Sequence[str], actions: Sequence[argparse.Action]) -> List[str]:
+    """`--flag -1,2` -> `--flag=-1,2` for the one-value flags among `actions`, so argparse reads the value as one."""
+    one_value = {s for a in actions if a.nargs is None for s in a.option_strings}
+    out: List[str] = []
+    for token in argv:
+        if out and out[-1] in one_value and NEGATIVE.match(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def guard(tool: str, debug: bool, run: Callable):

@@ -18,10 +18,8 @@ scores: change them and rerun to compare AND / weighted / raw on the same candid
 `--overwrite` starts over; other changed settings without it are an error.
 """
 
-import hashlib
 import json
 import math
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
@@ -29,23 +27,15 @@ from typing import Any, Dict, List, Optional
 import torch
 from tqdm import tqdm
 
-from openrlhf_lsc.cli.common import Parser, check_output_dir, guard, integer, listed, number, publish, unpublish
-from openrlhf_lsc.cli.estimate_reference import (
-    _flatten, _reward_fn, _sampler, add_sampling_and_scoring_flags, check_sampling_and_scoring, rm_names, write_atomic,
-)
-from openrlhf_lsc.estimate import ScoreError
+from openrlhf_lsc.cli import pipeline
+from openrlhf_lsc.cli.common import Parser, check_output_dir, guard, integer, listed, number, publish
+from openrlhf_lsc.estimate import sample_and_score
+from openrlhf_lsc.files import write_atomic
 from openrlhf_lsc.references import references_from_labels
 from openrlhf_lsc.rerank import rerank
 from openrlhf_lsc.rewards import AGGREGATES, REFERENCES, TRANSFORMS, RewardSpec
-from openrlhf_lsc.serve_rm import RewardServerError
 
 TOOL = "rerank"
-# Settings that change speed, error handling or only the reranking of stored scores, not what the shards hold.
-NOT_IN_FINGERPRINT = {
-    "output.dir", "output.response_key", "overwrite", "debug", "data.label_key", "rm.batch_size", "rm.num_actors",
-    "rm.num_gpus_per_actor", "rm.timeout", "rm.retries", "rollout.batch_size", "vllm.num_engines",
-    "vllm.tensor_parallel_size", "vllm.gpu_memory_utilization", "vllm.enforce_eager", "ds.attn_implementation",
-}
 
 
 def build_parser() -> Parser:
@@ -63,7 +53,7 @@ def build_parser() -> Parser:
     a("--data.max_len", type=integer(2), default=2048, help="prompt + response tokens, and RM query limit")
     a("--actor.model_name_or_path", required=True, help="the policy to sample from (its tokenizer formats prompts)")
     a("--rerank.k", type=integer(1), default=16, help="candidates sampled per prompt (>= 2 for --lsc.reference group)")
-    add_sampling_and_scoring_flags(a)
+    pipeline.add_sampling_and_scoring_flags(a)
     a("--rm.names", type=listed(str, "names"), default=None,
       help="comma-separated RM names, also the keys of the reference labels; None: the basename of each path")
     a("--reward.normalize_enable", action="store_true", help="score with the RMs' normalisation, as PPO does")
@@ -88,11 +78,11 @@ def build_parser() -> Parser:
 
 def check_args(args) -> SimpleNamespace:
     """Every cross-flag and path check, before anything loads; returns what they derive."""
-    names = rm_names(args.rm.paths, args.rm.names)
+    names = pipeline.rm_names(args.rm.paths, args.rm.names)
     spec = reward_spec(args, names)
     if spec.reference == "group" and args.rerank.k < 2:
         raise ValueError(f"--rerank.k must be >= 1 (>= 2 for --lsc.reference group), got {args.rerank.k}")
-    clients = check_sampling_and_scoring(args, names, sampling=True)
+    clients = pipeline.check_sampling_and_scoring(args, names, sampling=True)
     check_output_dir("--output.dir", args.output.dir)
     return SimpleNamespace(names=names, spec=spec, clients=clients)
 
@@ -100,60 +90,21 @@ def check_args(args) -> SimpleNamespace:
 def reward_spec(args, names: List[str]) -> RewardSpec:
     """The `RewardSpec` of the `--lsc.*` flags (raises ValueError naming the flag)."""
     lsc = args.lsc
-    quantile = lsc.quantile if lsc.quantile is not None or lsc.reference != "group" else 0.5
     return RewardSpec(names=tuple(names), transform=lsc.transform, aggregate=lsc.aggregate, weights=lsc.weights,
-                      reference=lsc.reference, quantile=quantile, reference_value=lsc.reference_value,
+                      reference=lsc.reference, quantile=lsc.quantile, reference_value=lsc.reference_value,
                       label_key=args.data.label_key)
 
 
-def _prepare_dir(out: Path, settings: Dict[str, Any], overwrite: bool) -> None:
-    shards = out / "shards"
-    if overwrite:
-        shutil.rmtree(shards, ignore_errors=True)
-        (out / "run.json").unlink(missing_ok=True)
-        unpublish(out)
-    run = out / "run.json"
-    if run.exists():
-        old = json.loads(run.read_text())
-        diff = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
-        if diff:
-            changes = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
-            raise ValueError(f"{out} holds a run with other settings ({changes}): pass --overwrite to start over "
-                             "or use another --output.dir")
-    elif shards.exists() and any(shards.iterdir()):
-        raise ValueError(f"{shards} has shards but no run.json: pass --overwrite to start over")
-    shards.mkdir(parents=True, exist_ok=True)
-    write_atomic(run, [json.dumps(settings, indent=1, sort_keys=True)])
-
-
-def sample_and_score(prompts: List[str], sampler, reward_fns: Dict[str, Any], k: int) -> List[Dict[str, Any]]:
+def candidates(prompts: List[str], sampler, reward_fns: Dict[str, Any], k: int) -> List[Dict[str, Any]]:
     """k candidates per prompt and every RM's score of each: one shard's records (None marks a failed score)."""
     records: List[Dict[str, Any]] = [{"error": "empty prompt"} if not p.strip() else {} for p in prompts]
     live = [i for i, p in enumerate(prompts) if p.strip()]
     if not live:
         return records
-    responses = sampler([prompts[i] for i in live], k)
-    if len(responses) != len(live) or any(len(r) != k for r in responses):
-        raise RuntimeError(f"sampler returned {[len(r) for r in responses]} responses for {len(live)} prompts, expected {k} each")
-    flat_p = [prompts[i] for i in live for _ in range(k)]
-    flat_r = [r for rs in responses for r in rs]
-    for i, rs in zip(live, responses):
-        records[i] = {"responses": rs, "scores": {}}
-    for name, fn in reward_fns.items():
-        try:
-            scores = list(fn(flat_p, flat_r))
-        except ScoreError:  # an unusable answer for the batch: score prompt by prompt to find the failing ones
-            scores = []
-            for j in range(len(live)):
-                try:
-                    scores += list(fn(flat_p[j * k : (j + 1) * k], flat_r[j * k : (j + 1) * k]))
-                except ScoreError:
-                    scores += [None] * k
-        if len(scores) != len(flat_p):
-            raise RuntimeError(f"reward model {name!r} returned {len(scores)} scores for {len(flat_p)} responses")
-        for j, i in enumerate(live):
-            row = scores[j * k : (j + 1) * k]
-            records[i]["scores"][name] = [float(v) if v is not None and math.isfinite(float(v)) else None for v in row]
+    responses, scored = sample_and_score([prompts[i] for i in live], sampler, reward_fns, k)
+    for j, (i, rs) in enumerate(zip(live, responses)):
+        records[i] = {"responses": rs, "scores": {name: [v if math.isfinite(v) else None for v in scores[j].tolist()]
+                                                  for name, (scores, _) in scored.items()}}
     return records
 
 
@@ -202,20 +153,11 @@ def finish(records: List[Dict[str, Any]], spec: RewardSpec, labels: Optional[Lis
 
 def run(args, checked: SimpleNamespace) -> Dict[str, Any]:
     """Run the reranker for parsed, checked arguments; returns the report."""
-    from openrlhf_lsc.integration import estimate_io
+    from openrlhf_lsc.integration import samplers
 
     names, spec, k = checked.names, checked.spec, args.rerank.k
-    for name, client in checked.clients.items():  # a wrong URL fails now, not after the policy has loaded
-        try:
-            client.score(["Hello"])
-        except RewardServerError as e:
-            raise ValueError(f"--rm.paths: {e}") from None
-
-    tokenizer = estimate_io.load_tokenizer(args.actor.model_name_or_path, "--actor.model_name_or_path")
-    rows, prompts, ids = estimate_io.load_prompts(
-        args.data.prompt_dataset, args.data.input_key, args.data.id_key, tokenizer, args.data.apply_chat_template,
-        args.data.input_template, args.data.prompt_split, args.data.max_samples,
-    )
+    pipeline.probe(checked.clients.values(), "--rm.paths")
+    tokenizer, rows, prompts, ids = pipeline.load_prompts(args)
     for key in (args.output.response_key, "rerank"):
         if key in rows.column_names:
             raise ValueError(f"the prompt rows already have a field {key!r}: choose another --output.response_key "
@@ -227,44 +169,23 @@ def run(args, checked: SimpleNamespace) -> Dict[str, Any]:
                              f"the rows of {args.data.prompt_dataset} do not have; fields: {sorted(rows.column_names)}")
         labels = list(rows[args.data.label_key])
 
-    flat = {key: v for key, v in _flatten(args).items() if key not in NOT_IN_FINGERPRINT and not key.startswith("lsc.")}
-    flat["prompts_sha256"] = hashlib.sha256(json.dumps([prompts, ids], default=str).encode()).hexdigest()
     out = Path(args.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _prepare_dir(out, flat, args.overwrite)
+    skip = ("lsc.", "output.response_key", "data.label_key")  # shards hold samples and scores: --lsc.* rerank them
+    run = pipeline.ShardedRun(out, pipeline.settings(args, prompts, ids, skip), args.overwrite, len(prompts),
+                              args.output.shard_size)
+    todo = run.todo()
+    if todo:
+        pipeline.start_ray(args)
+        sampler = samplers.from_args(args, tokenizer)
+        reward_fns = {n: pipeline.reward_fn(n, p, args, checked.clients) for n, p in zip(names, args.rm.paths)}
 
-    size = args.output.shard_size
-    shard_path = lambda s: out / "shards" / f"shard-{s:05d}.jsonl"  # noqa: E731
-    num_shards = (len(prompts) + size - 1) // size
-    pending = [s for s in range(num_shards) if not shard_path(s).exists()]
-    if pending:
-        if args.vllm.num_engines > 0 or args.rm.num_actors > 0:
-            import ray
+        def do(s, idx, old):
+            torch.manual_seed(args.seed + s)  # a resumed shard draws what an uninterrupted run would
+            return {i: {"index": i, "id": ids[i], **r}
+                    for i, r in zip(idx, candidates([prompts[i] for i in idx], sampler, reward_fns, k))}
 
-            if not ray.is_initialized():
-                ray.init()
-        sampler = _sampler(args, tokenizer)
-        reward_fns = {n: _reward_fn(n, p, args, checked) for n, p in zip(names, args.rm.paths)}
-        done = len(prompts) - sum(min(size, len(prompts) - s * size) for s in pending)
-        with tqdm(total=len(prompts), initial=done, unit="prompt", desc="sample and score") as bar:
-            for s in pending:
-                lo, hi = s * size, min((s + 1) * size, len(prompts))
-                torch.manual_seed(args.seed + s)  # a resumed shard draws what an uninterrupted run would
-                records = sample_and_score(prompts[lo:hi], sampler, reward_fns, k)
-                write_atomic(shard_path(s), (json.dumps({"index": lo + j, "id": ids[lo + j], **r})
-                                             for j, r in enumerate(records)))
-                bar.update(hi - lo)
-
-    records: List[Optional[Dict[str, Any]]] = [None] * len(prompts)
-    for s in range(num_shards):
-        for line in shard_path(s).read_text().splitlines():
-            rec = json.loads(line)
-            if records[rec["index"]] is not None:
-                raise RuntimeError(f"prompt {rec['index']} appears twice in {out / 'shards'}: rerun with --overwrite")
-            records[rec["index"]] = rec
-    missing = [i for i, r in enumerate(records) if r is None]
-    if missing:
-        raise RuntimeError(f"prompts {missing[:10]} are missing from {out / 'shards'}: rerun with --overwrite")
+        run.work(todo, do, TOOL, "sample and score")
+    records = run.records()
 
     where = [f"row {i} (id {ids[i]!r})" for i in range(len(prompts))]
     results, report = finish(records, spec, labels, where)
@@ -280,7 +201,7 @@ def run(args, checked: SimpleNamespace) -> Dict[str, Any]:
     def write(folder: Path) -> None:
         write_atomic(folder / "reranked.jsonl", good)
         write_atomic(folder / "errors.jsonl", bad)
-        write_atomic(folder / "report.json", [json.dumps(report, indent=1)])
+        write_atomic(folder / "report.json", json.dumps(report, indent=1))
 
     publish(out, write)
     return report

@@ -17,14 +17,15 @@ interrupted run resumes where it stopped. Same inputs and seed, same output.
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Callable, List, Optional
 
 from openrlhf_lsc.cli.common import (
     Parser, check_dataset, check_output_dir, check_reward_model, check_template, guard, integer, number, publish,
 )
-from openrlhf_lsc.serve_rm import RewardServerError, ServeRMClient
+from openrlhf_lsc.cli.pipeline import probe
+from openrlhf_lsc.files import write_atomic
+from openrlhf_lsc.serve_rm import ServeRMClient
 
 TOOL = "select_rehearsal"
 
@@ -130,11 +131,7 @@ def cached_chunks(cache: Path, key: str, n: int, chunk: int, compute: Callable, 
             path = folder / f"{s:09d}.npy"
             if not path.exists():
                 values = np.asarray(compute(s, min(s + chunk, n)))
-
-                tmp = path.with_name(path.name + ".tmp")
-                with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
-                    np.save(f, values)
-                os.replace(tmp, path)
+                write_atomic(path, lambda f: np.save(f, values))  # a file object: np.save would append .npy to a name
                 bar.update(1)
             parts.append(np.load(path))
     return np.concatenate(parts)
@@ -154,7 +151,7 @@ def _is_text(value) -> bool:
 def check_rows(rows: List[dict], args) -> None:
     """Every row needs a text or chat-message prompt, a non-empty response and (with --score.key) a finite score;
     and there must be at least --select.n_clusters rows. Errors name the first bad row."""
-    from openrlhf_lsc.integration.estimate_io import row_name
+    from openrlhf_lsc.integration.offline import row_name
 
     d = args.data
     where = lambda i: f"--data.dataset {d.dataset} {row_name(i, rows[i], d.id_key)}"  # noqa: E731
@@ -210,15 +207,11 @@ def run(args, client: Optional[ServeRMClient]) -> dict:
     import numpy as np
 
     from openrlhf_lsc import embed as emb
-    from openrlhf_lsc.integration import estimate_io as io
+    from openrlhf_lsc.integration import offline as io
     from openrlhf_lsc.rehearsal import cluster_prompts, select
 
     d, s, sel_args = args.data, args.score, args.select
-    if client is not None:  # a wrong URL fails now, not after the embedding
-        try:
-            client.score(["Hello"])
-        except RewardServerError as e:
-            raise ValueError(f"--score.url: {e}") from None
+    probe([client] if client is not None else [], "--score.url")  # a wrong URL fails now, not after the embedding
     rows = io.load_rows(d.dataset, "--data.dataset", d.split).to_list()
     check_rows(rows, args)
     n = len(rows)

@@ -7,13 +7,13 @@ exactly the args it would build itself: no Ray hook, no probe, no patch does any
 """
 
 import argparse
-import math
 import os
 import sys
 from types import SimpleNamespace
 from typing import List, Optional
 
-from openrlhf_lsc.integration import StockCLI
+from openrlhf_lsc.cli.common import listed, number
+from openrlhf_lsc.integration.stock_cli import StockCLI
 from openrlhf_lsc.integration.rehearsal import check_config
 from openrlhf_lsc.monitor import Monitor, check_evaluators
 from openrlhf_lsc.rewards import AGGREGATES, REFERENCES, TRANSFORMS, RewardSpec
@@ -42,17 +42,6 @@ MONITOR = {  # --lsc.monitor.<name>: (argparse keywords, help)
 }
 
 
-def numbers(text: str) -> List[float]:
-    """argparse type: comma-separated finite numbers ("-1,0.5")."""
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
-    return values
-
-
 def add_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("openrlhf_lsc reward transforms (--lsc.*); any of them turns the plugin on")
     g.add_argument("--lsc.transform", choices=TRANSFORMS, default="raw",
@@ -68,13 +57,15 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                    "reward, named after the .py file, 'remote' or 'agent')")
     g.add_argument("--lsc.aggregate", choices=AGGREGATES, default="and",
                    help="and: sum of the K utilities (logical AND with lsc); weighted: sum_k w_k u_k")
-    g.add_argument("--lsc.weights", type=numbers, default=None, help="K comma-separated weights for --lsc.aggregate weighted")
+    g.add_argument("--lsc.weights", type=listed(number(), "weights"), default=None,
+                   help="K comma-separated weights for --lsc.aggregate weighted")
     g.add_argument("--lsc.reference", choices=REFERENCES, default="none",
                    help="r_ref(x): label = per prompt from the --data.label_key field (schema: openrlhf_lsc.references); "
                    "group = the --lsc.quantile of the prompt's n_samples_per_prompt rollouts (moving, not the paper's "
                    "SFT reference); constant = --lsc.reference_value")
-    g.add_argument("--lsc.quantile", type=float, default=None, help="quantile in (0, 1) for --lsc.reference group")
-    g.add_argument("--lsc.reference_value", type=numbers, default=None,
+    g.add_argument("--lsc.quantile", type=number(), default=None,
+                   help="quantile in (0, 1) for --lsc.reference group; unset there: 0.5, the median")
+    g.add_argument("--lsc.reference_value", type=listed(number(), "values"), default=None,
                    help="K comma-separated constants for --lsc.reference constant")
     g.add_argument("--lsc.dump_rewards", default=None,
                    help="absolute path: the PPO trainer process appends one JSON line per sample (step, token ids, "
@@ -259,7 +250,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         stock.train(args)
         return
 
-    from openrlhf_lsc.integration.ppo import SetupError, train
+    from openrlhf_lsc.integration.launch import SetupError, train
 
     try:
         train(stock, args)

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 from openrlhf_lsc.cli.common import number
 from openrlhf_lsc.cli.train_ppo_ray import check_exists
-from openrlhf_lsc.integration import StockCLI
+from openrlhf_lsc.integration.stock_cli import StockCLI
 
 PROG = "python -m openrlhf_lsc.cli.train_rm"
 AM_ONLY = ("margin", "expected_coef", "bound_coef", "task_coef", "task_std", "task_momentum")

@@ -30,14 +30,13 @@ PPO loss. It is a second forward of the DeepSpeed engine in the same step (teste
 Ring attention (`--ds.ring_attn_size > 1`) is not supported.
 """
 
-import inspect
 import math
 from types import SimpleNamespace
 from typing import Any, Dict, Optional
 
 import torch
 
-from openrlhf_lsc.integration import wrap
+from openrlhf_lsc.integration import bind, wrap
 from openrlhf_lsc.rehearsal import token_nll
 
 STATE_KEY = "lsc_rehearsal"
@@ -295,14 +294,12 @@ def remember_loaded_states(original):
 
 
 def _wrap_save_ckpt(original):
-    signature = inspect.signature(original)
-
     def save_ckpt(self, *args, **kwargs):
         rehearsal = getattr(self, "lsc_rehearsal", None)
         if rehearsal is None:
             return original(self, *args, **kwargs)
         # Only the actor's strategy has a stream, and the actor saves nothing else with save_ckpt.
-        bound = signature.bind(self, *args, **kwargs)
+        bound = bind(original, self, *args, **kwargs)
         bound.arguments["client_state"] = {**(bound.arguments.get("client_state") or {}), STATE_KEY: rehearsal.state_dict()}
         return original(*bound.args, **bound.kwargs)
 
@@ -310,13 +307,14 @@ def _wrap_save_ckpt(original):
 
 
 def _wrap_step(original):
-    def training_step(self, experience, kl_ctl, step, loss_batch_info=None):
+    def training_step(self, *args, **kwargs):
         if getattr(self.strategy, "lsc_rehearsal", None) is None:
-            return original(self, experience, kl_ctl, step, loss_batch_info)
+            return original(self, *args, **kwargs)
+        call = bind(original, self, *args, **kwargs).arguments
         # consumed by the one strategy.backward of this step
-        self.strategy.lsc_pending_term = lambda: actor_loss_hook(self, experience, loss_batch_info)
+        self.strategy.lsc_pending_term = lambda: actor_loss_hook(self, call["experience"], call["loss_batch_info"])
         try:
-            status = original(self, experience, kl_ctl, step, loss_batch_info)
+            status = original(self, *args, **kwargs)
         finally:
             missed = self.strategy.__dict__.pop("lsc_pending_term", None)
         if missed is not None:

@@ -23,7 +23,8 @@ from collections import Counter
 import torch
 
 from openrlhf_lsc.am_loss import ALL, AdvantageModelLoss, pairwise_metrics
-from openrlhf_lsc.integration import wrap
+from openrlhf_lsc.files import write_atomic
+from openrlhf_lsc.integration import bind, wrap
 from openrlhf_lsc.integration.rehearsal import LOAD_CKPT, remember_loaded_states
 
 METRICS_FILE = "rm_eval_metrics.json"
@@ -93,10 +94,11 @@ def _check_task_sizes(dataset, which: str, min_pairs: int) -> None:
 
 
 def _dataset_init(original):
-    def __init__(self, dataset, tokenizer, max_length, strategy, input_template=None, is_dpo=False, num_processors=8):
-        am = getattr(strategy.args, "am", None)
-        tasks = read_tasks(dataset, am.task_key) if am is not None and not is_dpo else None
-        original(self, dataset, tokenizer, max_length, strategy, input_template, is_dpo, num_processors)
+    def __init__(self, *args, **kwargs):
+        call = bind(original, self, *args, **kwargs).arguments
+        am = getattr(call["strategy"].args, "am", None)
+        tasks = read_tasks(call["dataset"], am.task_key) if am is not None and not call["is_dpo"] else None
+        original(self, *args, **kwargs)
         if tasks is not None:
             if len(tasks) != len(self):  # stock drops rows whose prompt is None
                 raise ValueError(
@@ -129,14 +131,11 @@ def _dataset_collate(original):
 
 
 def _trainer_init(original):
-    def __init__(
-        self, model, strategy, optim, train_dataloader, eval_dataloader, scheduler, tokenizer,
-        max_norm=0.5, max_epochs=2, loss="sigmoid", disable_ds_ckpt=False, save_hf_ckpt=False,
-    ):
-        original(
-            self, model, strategy, optim, train_dataloader, eval_dataloader, scheduler, tokenizer,
-            max_norm, max_epochs, loss, disable_ds_ckpt, save_hf_ckpt,
-        )
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        call = bind(original, self, *args, **kwargs).arguments
+        strategy, loss = call["strategy"], call["loss"]
+        train_dataloader, eval_dataloader = call["train_dataloader"], call["eval_dataloader"]
         am = getattr(strategy.args, "am", None)
         if am is None:
             if loss == "am":  # stock would quietly train LogExp
@@ -216,12 +215,14 @@ def _dp_sum(strategy):
 
 
 def _save_logs(original):
-    def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):
-        if getattr(self, "lsc_am", None) is not None:
-            if logs_dict is not None:
-                logs_dict.update({f"am_{k}": v for k, v in self.lsc_am.terms.items()})
-            client_states = {**(client_states or {}), STATE_KEY: self.lsc_am.state_dict()}
-        return original(self, args, global_step, step_bar, logs_dict, client_states)
+    def save_logs_and_checkpoints(self, *args, **kwargs):
+        if getattr(self, "lsc_am", None) is None:
+            return original(self, *args, **kwargs)
+        call = bind(original, self, *args, **kwargs)
+        if call.arguments["logs_dict"] is not None:
+            call.arguments["logs_dict"].update({f"am_{k}": v for k, v in self.lsc_am.terms.items()})
+        call.arguments["client_states"] = {**(call.arguments["client_states"] or {}), STATE_KEY: self.lsc_am.state_dict()}
+        return original(*call.args, **call.kwargs)
 
     return save_logs_and_checkpoints
 
@@ -242,11 +243,12 @@ def _gather_eval(trainer):
 
 
 def _evaluate(original):
-    def evaluate(self, eval_dataloader, steps=0):
+    def evaluate(self, *args, **kwargs):
         if not hasattr(self, "lsc_eval"):
-            return original(self, eval_dataloader, steps)
+            return original(self, *args, **kwargs)
+        steps = bind(original, self, *args, **kwargs).arguments["steps"]
         self.lsc_eval = []
-        original(self, eval_dataloader, steps)
+        original(self, *args, **kwargs)
         metrics = {"global_step": steps, **pairwise_metrics(*_gather_eval(self))}
         self.lsc_eval = []
         self.strategy._unwrap_model(self.model).config.update({CONFIG_KEY: metrics["per_task"]})
@@ -280,9 +282,7 @@ def _publish(trainer, metrics, steps):
     trainer.lsc_history.append(metrics)
     record = {"loss_type": args.model.loss_type, "am": vars(args.am), "evals": trainer.lsc_history}
     os.makedirs(args.ckpt.output_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, json.dumps(record, indent=2))
 
 
 def apply() -> None:

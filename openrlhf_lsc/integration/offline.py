@@ -1,5 +1,5 @@
-"""What the offline tools (`estimate_reference`, `select_rehearsal`) take from OpenRLHF: its argument
-namespaces, dataset loading and prompt formatting, tokenizers, reward models and vLLM engines.
+"""What the offline tools (`estimate_reference`, `rerank`, `select_rehearsal`) take from OpenRLHF: dataset loading and
+prompt formatting, tokenizers and reward models (their samplers: `integration.samplers`).
 
 Conventions follow a stock OpenRLHF PPO run, so references and scores land on the scale of the rewards PPO sees:
 - prompts: OpenRLHF's dataset loading and `preprocess_data` (`--data.input_key`, `--data.input_template`,
@@ -20,13 +20,6 @@ from types import SimpleNamespace
 from typing import Any, List, Optional, Tuple
 
 import torch
-
-
-def hierarchize(args: Any) -> SimpleNamespace:
-    """OpenRLHF's own dotted flags -> nested namespace (`openrlhf.utils.config.hierarchize`)."""
-    from openrlhf.utils.config import hierarchize as stock
-
-    return stock(args)
 
 
 def load_tokenizer(path: str, flag: str) -> Any:
@@ -165,79 +158,6 @@ def format_pairs(rows: list, input_key: str, output_key: str, input_template: Op
         responses.append(response if response.endswith(eos) else response + eos)
     return prompts, responses
 
-
-class VLLMSampler:
-    """Sample on GPUs through OpenRLHF's vLLM engines (`create_vllm_engines`, `generate_responses`)."""
-
-    def __init__(
-        self,
-        pretrain: str,
-        tokenizer: Any,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        max_len: int = 2048,
-        num_engines: int = 1,
-        tensor_parallel_size: int = 1,
-        seed: int = 42,
-        gpu_memory_utilization: float = 0.95,
-        enforce_eager: bool = False,
-    ):
-        """Start `num_engines` vLLM Ray actors of `tensor_parallel_size` GPUs each on the policy `pretrain`.
-
-        Engine i is seeded with seed + i once, at start (OpenRLHF's `create_vllm_engines`); prompts go to
-        the engines round-robin, so samples are random but not reproducible shard by shard.
-        `gpu_memory_utilization` defaults to OpenRLHF's `--vllm.gpu_memory_utilization` (0.95).
-        """
-        import ray
-        from vllm import SamplingParams
-
-        from openrlhf.trainer.ray.vllm_engine import create_vllm_engines
-
-        if temperature <= 0:
-            raise ValueError(f"--rollout.temperature must be > 0 to draw k different samples, got {temperature}")
-        self.engines = create_vllm_engines(
-            num_engines=num_engines,
-            tensor_parallel_size=tensor_parallel_size,
-            pretrain=pretrain,
-            seed=seed,
-            full_determinism=False,
-            enable_prefix_caching=True,  # the k samples of a prompt share its prefix
-            enforce_eager=enforce_eager,
-            max_model_len=max_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-        )
-        self.params = SamplingParams(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=-1,
-            max_tokens=max_new_tokens,
-            min_tokens=1,
-            skip_special_tokens=False,
-        )
-        self.tokenizer = tokenizer
-        self.tokenizer_ref = ray.put(tokenizer)  # shipped once, not with every request
-        self.max_len = max_len
-
-    def __call__(self, prompts: List[str], k: int) -> List[List[str]]:
-        """Return k sampled response texts for each prompt, prompts spread round-robin over the engines."""
-        import ray
-
-        refs = [
-            self.engines[i % len(self.engines)].generate_responses.remote(
-                prompt=p, label="", sampling_params=self.params, max_length=self.max_len,
-                hf_tokenizer=self.tokenizer_ref, num_samples=k,
-            )
-            for i, p in enumerate(prompts)
-        ]
-        out = []
-        for samples in ray.get(refs):
-            texts = []
-            for s in samples:
-                start, end = s["action_ranges"][0]
-                texts.append(self.tokenizer.decode(s["observation_tokens"][start:end], skip_special_tokens=False))
-            out.append(texts)
-        return out
 
 class LocalRewardModel:
     """A reward model loaded as OpenRLHF loads it, scoring prompt + response texts in batches."""
