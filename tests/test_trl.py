@@ -65,8 +65,8 @@ def check_step(step: dict, logged: dict, utility: torch.Tensor, metrics: dict, n
     return per_rm
 
 
-def group_normalised(x: np.ndarray) -> np.ndarray:
-    g = x.reshape(-1, GROUP)
+def group_normalised(x: np.ndarray, group: int = GROUP) -> np.ndarray:
+    g = x.reshape(-1, group)
     return ((g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-4)).ravel()
 
 
@@ -141,6 +141,30 @@ def test_group_references_two_processes(models, tmp_path):
         utility, metrics = reward_utilities(raw_rewards(models, step), spec, group_size=GROUP)
         check_step(step, logged, utility, metrics)
         np.testing.assert_allclose(step["advantages"], group_normalised(utility.numpy()), rtol=1e-3, atol=1e-3)
+
+
+def test_group_reference_over_the_scored_samples(models, tmp_path):
+    """Groups of 4 where source B returns None for one sample of each call: B's reference is the quantile of the
+    group's 3 scored samples (numpy), the None sample gets None, and TRL's AND sum skips it."""
+
+    def vowels_but_first(prompts, completions, **kw):  # one call holds one group of 4 here
+        return [None if i == 0 else v for i, v in enumerate(vowels(prompts, completions))]
+
+    funcs = lsc_reward_funcs({"A": str(models / "rm_a"), "B": vowels_but_first}, reference="group", quantile=0.75)
+    trainer, record = train(models, tmp_path, funcs, num_generations=4)
+    log_sigmoid = lambda x: -np.logaddexp(0.0, -x)  # noqa: E731
+    for step, logged in zip(record.steps, trainer.state.log_history):
+        raw = raw_rewards(models, step).numpy().reshape(-1, 4, 2)
+        u = np.empty_like(raw)
+        for g, group in enumerate(raw):
+            u[g, :, 0] = log_sigmoid(group[:, 0] - np.quantile(group[:, 0], 0.75))
+            u[g, :, 1] = log_sigmoid(group[:, 1] - np.quantile(group[1:, 1], 0.75))
+            u[g, 0, 1] = np.nan
+        u = u.reshape(-1, 2)
+        np.testing.assert_allclose(step["rewards"]["lsc_A"], u[:, 0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(step["rewards"]["lsc_B"], u[:, 1], rtol=1e-5, atol=1e-5)
+        assert logged["lsc/B/utility"] == pytest.approx(np.nanmean(u[:, 1]), rel=1e-4)
+        np.testing.assert_allclose(step["advantages"], group_normalised(np.nansum(u, 1), 4), rtol=1e-3, atol=1e-3)
 
 
 def test_missing_label_names_the_prompt(models, tmp_path):

@@ -70,12 +70,12 @@ def train(models: Path, out: Path, reward_funcs, rows=None, trainer="grpo", step
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     Config, Trainer = (GRPOConfig, GRPOTrainer) if trainer == "grpo" else (RLOOConfig, RLOOTrainer)
-    args = Config(
+    settings = dict(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=per_device, num_generations=GROUP,
         max_completion_length=6, learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
-        bf16=False, gradient_checkpointing=False, disable_tqdm=True, seed=0, use_cpu=True,
-        dataloader_num_workers=0, **config,
+        bf16=False, gradient_checkpointing=False, disable_tqdm=True, seed=0, use_cpu=True, dataloader_num_workers=0,
     )
+    args = Config(**{**settings, **config})
     record = Record()
     t = Trainer(model=str(models / "policy"), reward_funcs=reward_funcs, args=args,
                 train_dataset=Dataset.from_list(rows if rows is not None else prompt_rows(models)),
