@@ -199,3 +199,27 @@ def test_monitor_stops_when_the_evaluator_falls(models, tmp_path):
     assert [h["monitor/fired"] for h in logged] == [0.0, 1.0]
     # the proxy's LSC metrics: r = step + 0.1 i against the constant 0.15
     assert logged[1]["lsc/proxy/above_ref"] == pytest.approx(1.0) and logged[0]["lsc/proxy/above_ref"] == pytest.approx(0.5)
+
+
+def test_bad_input_is_one_error_naming_the_thing():
+    def nan_for_second(prompts, completions, **kw):
+        return [0.0, math.nan]
+
+    def short(prompts, completions, **kw):
+        return [0.0]
+
+    (f,) = lsc_reward_funcs([nan_for_second], reference="constant", reference_value=[0.0])
+    with pytest.raises(ValueError, match=r"'nan_for_second' returned nan for prompt 'q2'"):
+        f(prompts=["q1", "q2"], completions=["a", "b"])
+    (f,) = lsc_reward_funcs([short], reference="constant", reference_value=[0.0])
+    with pytest.raises(ValueError, match=r"'short' returned 1 rewards for 2 completions"):
+        f(prompts=["q1", "q2"], completions=["a", "b"])
+    with pytest.raises(ValueError, match=r"share a name.*dict"):
+        lsc_reward_funcs([short, short], reference="none", transform="raw")
+    with pytest.raises(ValueError, match=r"reads the dataset column 'lsc_ref'.*columns: \['other'\]"):
+        lsc_reward_funcs([vowels], reference="label")[0](prompts=["q"], completions=["a"], other=[1])
+    with pytest.raises(ValueError, match=r"group' needs TRL's trainer"):
+        lsc_reward_funcs([vowels], reference="group", quantile=0.5)[0](prompts=["q", "q"], completions=["a", "b"])
+    for evaluators in ({"judge": short}, {"other": vowels}):  # the same name, the same callable
+        with pytest.raises(ValueError, match=r"evaluator '\w+' is also the reward source 'judge'"):
+            lsc_reward_funcs({"judge": vowels}, reference="none", transform="raw", monitor=MonitorCallback(evaluators))

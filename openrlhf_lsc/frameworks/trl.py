@@ -32,6 +32,7 @@ from trl.trainer.utils import get_callable_name, is_async_callable
 from openrlhf_lsc.monitor import Monitor, check_evaluators
 from openrlhf_lsc.rewards import RewardSpec, reward_utilities
 
+__all__ = ["LSCRewardFunc", "MonitorCallback", "lsc_reward_funcs"]
 logger = logging.get_logger(__name__)
 
 Source = Union[str, Callable[..., List[Optional[float]]]]
@@ -43,7 +44,6 @@ class _Scorer:
     def __init__(self, source: Source, name: Optional[str] = None):
         if isinstance(source, str):
             # As GRPOTrainer.__init__ loads a reward model given by path: one logit, the tokenizer saved with it.
-            self.ident = source
             self.name = name or os.path.basename(source.rstrip("/"))
             self.model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(source)
@@ -54,7 +54,7 @@ class _Scorer:
         elif callable(source):
             if is_async_callable(source):
                 raise TypeError(f"reward source {get_callable_name(source)!r} is async: give a synchronous callable")
-            self.ident = self.name = name or get_callable_name(source)
+            self.name = name or get_callable_name(source)
             self.model = None
         else:
             raise TypeError(
@@ -224,7 +224,10 @@ def lsc_reward_funcs(
     items = list(sources.items()) if isinstance(sources, Mapping) else [(None, s) for s in sources]
     scorers = [_Scorer(source, name) for name, source in items]
     names = tuple(s.name for s in scorers)
-    # One spec over all K validates every setting against K (unique names, K constants, ...) in one place.
+    if len(set(names)) != len(names):
+        raise ValueError(f"reward sources share a name ({list(names)}): name them with a dict {{name: source}}")
+    # One spec over all K validates every setting against K (K constants, a quantile for group, ...); its
+    # messages name the settings as the OpenRLHF plugin's flags, --lsc.<keyword argument>.
     RewardSpec(names=names, transform=transform, reference=reference, quantile=quantile,
                reference_value=reference_value, label_key=label_key)
     if monitor is not None:
@@ -286,10 +289,16 @@ class MonitorCallback(TrainerCallback):
     def _attach(self, proxies: Sequence[_Scorer]) -> None:
         if self.monitor is not None:
             raise ValueError("this MonitorCallback already watches a set of reward functions: make one per set")
-        check_evaluators([e.ident for e in self.evaluators], [p.ident for p in proxies])
-        clash = {e.name for e in self.evaluators} & {p.name for p in proxies}
-        if clash:
-            raise ValueError(f"evaluator names {sorted(clash)} are also reward-source names: name them apart (a dict)")
+        for e in self.evaluators:
+            for p in proxies:
+                if e.source is p.source or e.name == p.name:
+                    raise ValueError(
+                        f"evaluator {e.name!r} is also the reward source {p.name!r}: an evaluator must be held out "
+                        "(never in the reward), under a name of its own"
+                    )
+        # the same checkpoint under two spellings of its path
+        check_evaluators([e.source for e in self.evaluators if e.model is not None],
+                         [p.source for p in proxies if p.model is not None])
         self.proxies = [p.name for p in proxies]
         self.monitor = Monitor(self.proxies, [e.name for e in self.evaluators], **self.options)
 
