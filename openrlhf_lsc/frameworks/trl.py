@@ -124,7 +124,10 @@ class LSCRewardFunc:
             if log_metric is not None and key != "lsc/utility" and not torch.isnan(values).all():
                 log_metric(key, torch.nanmean(values).item())
         if self.monitor is not None:
-            self.monitor._record(self, completions, r, metrics.get(f"lsc/{self.name}/above_ref"))
+            above = metrics.get(f"lsc/{self.name}/above_ref")
+            if above is None and self.spec.reference != "none":  # every sample None here: the columns must agree
+                above = torch.full_like(r, math.nan)  # across processes for the monitor's gather
+            self.monitor._record(self, completions, r, above)
             if self.last:
                 self.monitor._observe(prompts, completions, kw, trainer, log_metric)
         return [None if math.isnan(u) else u for u in utility.tolist()]
