@@ -223,3 +223,12 @@ def test_bad_input_is_one_error_naming_the_thing():
     for evaluators in ({"judge": short}, {"other": vowels}):  # the same name, the same callable
         with pytest.raises(ValueError, match=r"evaluator '\w+' is also the reward source 'judge'"):
             lsc_reward_funcs({"judge": vowels}, reference="none", transform="raw", monitor=MonitorCallback(evaluators))
+
+
+def test_docstring_examples():
+    import doctest
+
+    import openrlhf_lsc.frameworks.trl as module
+
+    result = doctest.testmod(module)
+    assert result.attempted >= 2 and result.failed == 0, result
