@@ -1,0 +1,1 @@
+"""Adapters for RL frameworks other than OpenRLHF (TRL, verl); each imports its framework lazily."""
