@@ -91,8 +91,8 @@ def manager_spec(config: Any) -> RewardSpec:
     if s.get("reference") == "group":
         raise ValueError(
             "reward.lsc.reference=group needs the whole group of a prompt's samples, and a reward manager scores "
-            "one sample at a time (verl RewardLoopWorker.compute_score_batch): use "
-            "reward.lsc.reference=none with transform=raw and algorithm.adv_estimator=lsc_group (one reward)"
+            "one sample at a time (verl RewardLoopWorker.compute_score_batch). For one reward, keep your reward "
+            "manager (e.g. naive) and set algorithm.adv_estimator=lsc_group +algorithm.lsc.quantile=q"
         )
     s.setdefault("transform", "lsc")
     if "names" not in s or "reference" not in s:
