@@ -10,9 +10,16 @@
   need the whole group, which a reward manager never sees; the estimator transforms the K = 1 sequence reward
   in `rm_scores` with them and then runs a verl outcome estimator (GRPO by default). Settings: `algorithm.lsc`.
 
-`import verl` imports this module through the `verl.plugins` entry point declared in setup.py, which registers
-both names in every process that imports verl (driver and Ray workers). docs/verl.md is the user's page.
-Facts about verl below are from verl 0.9.1 (site-packages/verl).
+`import verl` imports this module through the `verl.plugins` entry point declared in setup.py (verl/__init__.py
+loads every entry point of that group, logging a failure at debug level only), which registers both names in every
+process that imports verl (driver and Ray workers). docs/verl.md is the user's page. Facts about verl below are
+from verl 0.9.1 (site-packages/verl).
+
+What verl 0.9.1 cannot do, in either trainer: group references for K > 1 rewards. They need each prompt's K raw
+rewards for all its samples; the reward manager sees one sample (RewardLoopWorker.compute_score_batch), and an
+advantage estimator sees one summed reward per sample: the v1 trainer's `_compute_advantage`
+(trainer/ppo/v1/trainer_base.py) reads only uid, response_mask, rm_scores, log-probs and values back from its
+TransferQueue, and the legacy `ray_trainer.compute_advantage` passes the per-sample extra info to `gdpo` alone.
 """
 
 import asyncio
@@ -57,7 +64,12 @@ def _in_verl_words(error: ValueError, section: str, where: str = "") -> ValueErr
 
 
 def _settings(node: Any, section: str, allowed: Sequence[str], needed_for: str, example: str) -> Dict[str, Any]:
-    """The `section` block of verl's config as a plain dict; unknown keys are refused."""
+    """The `section` block of verl's config as a plain dict; unknown keys are refused.
+
+    `+reward.lsc.*` / `+algorithm.lsc.*` reach us because verl keeps `config.reward` and `config.algorithm` plain
+    DictConfigs: the trainers never build RewardConfig / AlgoConfig from them (and RewardManagerConfig cannot be
+    built at all in 0.9.1: its __post_init__ calls a missing super().__post_init__).
+    """
     if node is None:
         raise ValueError(f"{needed_for} reads its settings from `{section}`, which is not set: add e.g. "
                          f"`{example}` to the command line")
@@ -82,7 +94,8 @@ def manager_spec(config: Any) -> RewardSpec:
 
     Example:
         >>> from omegaconf import OmegaConf
-        >>> cfg = OmegaConf.create({"reward": {"lsc": {"names": ["a"], "reference": "constant", "reference_value": [0.5]}}})
+        >>> lsc = {"names": ["a"], "reference": "constant", "reference_value": [0.5]}
+        >>> cfg = OmegaConf.create({"reward": {"lsc": lsc}})
         >>> manager_spec(cfg).transform
         'lsc'
     """
@@ -138,7 +151,9 @@ class LSCRewardManager(RewardManagerBase):
                 "openrlhf_lsc.frameworks.verl and reward.custom_reward_function.name=served_reward_model "
                 "(or a function of yours that awaits served_reward_model)"
             )
-        self.served = {"model": reward_model.model_path, "engine": reward_model.rollout.name} if reward_model.enable else None
+        self.served = None
+        if reward_model.enable:
+            self.served = {"model": reward_model.model_path, "engine": reward_model.rollout.name}
         self.is_async = inspect.iscoroutinefunction(compute_score)
         self.reward_router_address = reward_router_address
         self.reward_model_tokenizer = reward_model_tokenizer
@@ -150,7 +165,7 @@ class LSCRewardManager(RewardManagerBase):
         where = f"prompt index {fields.get('index', '?')} (data_source {fields.get('data_source')!r})"
         response_ids = item.batch["responses"]
         n_valid = item.batch["attention_mask"][-response_ids.shape[-1]:].sum()
-        loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()  # not self.loop: that is the loop current when verl built the manager
         response = await loop.run_in_executor(
             None, lambda: self.tokenizer.decode(response_ids[:n_valid], skip_special_tokens=True)
         )
@@ -160,7 +175,7 @@ class LSCRewardManager(RewardManagerBase):
         kwargs = dict(
             data_source=fields.get("data_source"),
             solution_str=response,
-            # the v1 trainer's colocated reward model path sends only `raw_prompt` (trainer_base._compute_reward_colocate)
+            # .get: the v1 trainer's colocated reward model sends only `raw_prompt` (_compute_reward_colocate)
             ground_truth=(fields.get("reward_model") or {}).get("ground_truth"),
             extra_info=extra_info,
         )
@@ -189,7 +204,8 @@ class LSCRewardManager(RewardManagerBase):
             rewards = torch.tensor([[float(result[n]) for n in names]], dtype=torch.float64)
         except (TypeError, ValueError):
             bad = next(n for n in names if not isinstance(result[n], (int, float, np.number, torch.Tensor)))
-            raise ValueError(f"{where}: compute_score returned {result[bad]!r:.80} for {bad!r}: expected a number") from None
+            raise ValueError(f"{where}: compute_score returned {result[bad]!r:.80} for {bad!r}: expected a number") \
+                from None
         labels = None
         if self.spec.reference == "label":
             key = self.spec.label_key
@@ -327,7 +343,8 @@ def compute_lsc_group_advantage(
         except ValueError as e:
             raise _in_verl_words(e, "algorithm.lsc", f"lsc_group, prompt uid {uid} ({len(rows)} samples)") from None
         utility[rows] = u.float()
-    # The chosen estimators sum token rewards: put each utility at its last response token, like rm_scores.
+    # The chosen estimators sum token rewards: put each utility at its last response token, where
+    # RewardManagerBase.assemble_rm_scores puts a reward_score.
     last = (response_mask * torch.arange(1, response_mask.shape[1] + 1, device=response_mask.device)).argmax(-1)
     rewards = torch.zeros_like(token_level_rewards, dtype=torch.float32)
     rewards[torch.arange(len(last)), last] = utility

@@ -82,7 +82,8 @@ def make_batch(tokenizer, n_prompts, n_samples, seed, labels=True, shuffle=False
     responses = torch.full((b, RESPONSE_LEN), tokenizer.pad_token_id)
     mask = torch.zeros(b, PROMPT_LEN + RESPONSE_LEN, dtype=torch.int64)
     for i in range(b):
-        p, r = int(torch.randint(2, PROMPT_LEN + 1, (1,), generator=g)), int(torch.randint(1, RESPONSE_LEN + 1, (1,), generator=g))
+        p = int(torch.randint(2, PROMPT_LEN + 1, (1,), generator=g))
+        r = int(torch.randint(1, RESPONSE_LEN + 1, (1,), generator=g))
         prompts[i, PROMPT_LEN - p:] = torch.randint(3, vocab, (p,), generator=g)
         responses[i, :r] = torch.randint(3, vocab, (r,), generator=g)
         mask[i, PROMPT_LEN - p:PROMPT_LEN + r] = 1
@@ -101,9 +102,8 @@ def make_batch(tokenizer, n_prompts, n_samples, seed, labels=True, shuffle=False
         "raw_prompt": chats,
     }
     if labels:
-        non_tensor["lsc_ref"] = np.array(
-            [{n: {"reference": refs[k][j], "method": "fixed"} for j, n in enumerate(NAMES)} for k in prompt_of], dtype=object
-        )
+        rows = [{n: {"reference": refs[k][j], "method": "fixed"} for j, n in enumerate(NAMES)} for k in prompt_of]
+        non_tensor["lsc_ref"] = np.array(rows, dtype=object)
     batch = TensorDict({"prompts": prompts, "responses": responses, "attention_mask": mask}, batch_size=b)
     return DataProto(batch=batch, non_tensor_batch=non_tensor)
 
@@ -386,3 +386,10 @@ def test_docs_python_blocks_run(tmp_path):
     assert len(blocks) >= 3
     for block in blocks:
         exec(compile(block, "docs/verl.md", "exec"), {"__name__": "docs"})
+
+
+def test_docstring_examples():
+    import doctest
+
+    result = doctest.testmod(adapter)
+    assert result.attempted >= 4 and result.failed == 0
