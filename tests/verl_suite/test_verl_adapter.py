@@ -201,7 +201,7 @@ def test_constant_reference_weighted_with_verls_default_scorer(tok_dir):
     cfg = verl_config(
         f"actor_rollout_ref.model.path={tok_dir}",
         "reward.reward_manager.name=lsc",
-        "+reward.lsc.names=[gsm8k]",
+        "+reward.lsc.names=[score]",
         "+reward.lsc.transform=center",
         "+reward.lsc.aggregate=weighted",
         "+reward.lsc.weights=[2.0]",
