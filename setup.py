@@ -58,5 +58,8 @@ setup(
         # The plugin group proposed in patches/ (vLLM's `vllm.general_plugins` model): OpenRLHF,
         # once patched, calls every function here in each process before work starts.
         "openrlhf.plugins": ["lsc = openrlhf_lsc.integration:register"],
+        # `import verl` (0.9.x) imports every module named here: registers the `lsc` reward manager and the
+        # `lsc_group` advantage estimator (openrlhf_lsc/frameworks/verl.py, docs/verl.md).
+        "verl.plugins": ["lsc = openrlhf_lsc.frameworks.verl"],
     },
 )

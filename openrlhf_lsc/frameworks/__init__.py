@@ -1,1 +1,1 @@
-"""Adapters for frameworks other than OpenRLHF."""
+"""Adapters for RL frameworks other than OpenRLHF (TRL, verl); each imports its framework lazily."""
