@@ -1,6 +1,7 @@
 """Advantage Model (AM) reward-model loss and pairwise RM metrics (Peng et al. 2023). Torch only.
 
-The paper's equations are not in our sources (SPEC §4); this is the formulation we implement.
+The paper does not publish its equations (only an expected-reward parameterisation, a bounded advantage with
+margin m = 2.5 and per-task regulation of the score distribution); this is the formulation we implement.
 
 The network's score s(x, y) on prompt + response *is* the advantage a(x, y) = r(x, y) - E_y'[r(x, y')],
 so the saved model is a stock OpenRLHF reward model that PPO loads and calls unchanged. (A separate

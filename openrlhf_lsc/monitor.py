@@ -270,7 +270,8 @@ class Monitor:
         return out
 
     def state_dict(self) -> Dict[str, Any]:
-        """JSON-ready state, saved beside a PPO checkpoint so a resumed run keeps its history."""
+        """JSON-ready state: the history PPO writes to `lsc_monitor.json` each step (a resumed PPO run starts a new
+        history; `load_state_dict` takes one back)."""
         return {"start": self.start, "sft_std": self.sft_std, "steps": self.steps, "signals": self.signals,
                 "fired_step": self.fired_step}
 

@@ -1,7 +1,7 @@
 """Reward transforms, aggregation and the reward pipeline (Wang et al. 2024, sections 3-4). Torch only.
 
 `reward_utilities` is the one pipeline "K rewards per sample + reference spec + labels -> utility + per-RM
-metrics": the PPO integration, the reward_func wrapper, the reranker, the monitor and the lab all call it.
+metrics": the PPO integration, the reward_func wrapper, the reranker, the TRL and verl adapters and the lab call it.
 Every function computes in float32 (or wider) whatever the input dtype, so bf16 rewards and |r - r_ref| up to
 1e4 stay finite. NaN/inf inputs are refused, shapes must match exactly (a scalar reference is the one
 documented exception).
