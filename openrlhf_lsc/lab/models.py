@@ -238,3 +238,21 @@ def bradley_terry_labels(gold_a: torch.Tensor, gold_b: torch.Tensor, temperature
     """True where a is preferred: P(a > b) = sigmoid((g_a - g_b) / temperature)."""
     p = torch.sigmoid((gold_a - gold_b) / temperature)
     return torch.rand(p.shape, generator=generator) < p
+
+
+def sample_batched(policy: LlamaForCausalLM, prompt_ids: torch.Tensor, generator: torch.Generator,
+                   batch: int = 2048) -> torch.Tensor:
+    """`sample` in chunks of `batch` prompts, one generator throughout."""
+    return torch.cat([sample(policy, prompt_ids[i : i + batch], generator) for i in range(0, len(prompt_ids), batch)])
+
+
+def score_batched(rm: RewardModel, prompt_ids: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+    return score(rm, prompt_ids, responses, batch=1024)
+
+
+def load_policy(path: str) -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+
+
+def load_rm(path: str) -> RewardModel:
+    return RewardModel.from_pretrained(path, attn_implementation="sdpa").eval()
