@@ -17,7 +17,6 @@ Outputs in DIR: am_vs_bt.md, am_vs_bt.png, am_vs_bt.json; lab/ (world, SFT), pro
 import argparse
 import dataclasses
 import os
-import random
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -72,30 +71,6 @@ def win_rate_vs(policy_gold: np.ndarray, sft_gold: np.ndarray) -> np.ndarray:
     return ((a > b) + 0.5 * (a == b)).mean((1, 2))
 
 
-def train_am(rm: models.RewardModel, prompt_ids: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor,
-             tasks: Sequence[str], loss_fn: AdvantageModelLoss, epochs: int, seed: int) -> List[float]:
-    """`models.train_reward_model`'s loop (same lr, batch, order) with the AM loss. Returns epoch losses."""
-    opt = torch.optim.Adam(rm.parameters(), lr=1e-3)
-    rng, order, losses = random.Random(seed), list(range(len(chosen))), []
-    rm.train()
-    loss_fn.train()
-    for _ in tqdm(range(epochs), desc="RM am", leave=False):
-        rng.shuffle(order)
-        total = 0.0
-        for i in range(0, len(order), 64):
-            idx = torch.tensor(order[i : i + 64])
-            seq, mask = models.sequences_and_mask(torch.cat([prompt_ids[idx]] * 2), torch.cat([chosen[idx], rejected[idx]]))
-            r = rm(seq, mask)
-            loss = loss_fn(r[: len(idx)], r[len(idx) :], [tasks[j] for j in idx.tolist()])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        losses.append(total / len(order))
-    rm.eval()
-    return losses
-
-
 def build_proxies(out: str, cfg: Config, lab: Lab, sft) -> Dict:
     """Pairs labelled with per-task temperatures -> BT and AM proxies (proxies/), metrics and the SFT eval pool."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -125,12 +100,10 @@ def build_proxies(out: str, cfg: Config, lab: Lab, sft) -> Dict:
     eval_task = [TASK_OF[p.topic] for p in lab.eval_prompts]
     for i, name in enumerate(PROXIES):
         rm = models.reward_model_from(sft, cfg.seed + 10)  # same initialisation for both proxies
-        if name == "bt":
-            losses = models.train_reward_model(rm, pid[tr], chosen[tr], rejected[tr], epochs=cfg.rm_epochs, lr=1e-3,
-                                               batch=64, seed=cfg.seed, desc="RM bt")
-        else:
-            losses = train_am(rm, pid[tr], chosen[tr], rejected[tr], tasks[:n_tr], AdvantageModelLoss(**cfg.am),
-                              cfg.rm_epochs, cfg.seed)
+        am = AdvantageModelLoss(**cfg.am).train()
+        losses = models.train_reward_model(rm, pid[tr], chosen[tr], rejected[tr], epochs=cfg.rm_epochs, lr=1e-3, batch=64,
+                                           seed=cfg.seed, desc=f"RM {name}",
+                                           loss_fn=None if name == "bt" else lambda c, r, idx: am(c, r, [tasks[j] for j in idx]))
         c, r = models.score(rm, pid[ho], chosen[ho]), models.score(rm, pid[ho], rejected[ho])
         s = models.score_batched(rm, pool_ids, pool).numpy().reshape(-1, cfg.sft_pool)
         setup["proxies"][name] = {

@@ -86,10 +86,7 @@ def run(out: str, mode: str = "default") -> Dict:
     pin_json(os.path.join(out, "config.json"), config, "forgetting run")
 
     lab = Lab(os.path.join(out, "lab"), cfg)
-    for name, marker in lab.STAGES[:2]:  # SFT and reward models only
-        if not os.path.exists(lab.path(marker)):
-            with lab.timed(name):
-                getattr(lab, f"build_{name}")()
+    lab.setup(progress=False, last="reward_models")  # SFT and reward models only
     sft, rm = lab.load_sft(), lab.load_rms()["helpful"]
 
     # Expert answers (fresh draws from the lab's demonstrator): one per training prompt, for selection and

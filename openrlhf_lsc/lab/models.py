@@ -10,7 +10,7 @@ does not import OpenRLHF.
 """
 
 import random
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -208,8 +208,11 @@ def train_sft(policy: LlamaForCausalLM, prompts: Sequence[world.Prompt], demos: 
 
 
 def train_reward_model(rm: RewardModel, prompt_ids: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor,
-                       epochs: int, lr: float, batch: int, seed: int, desc: str = "RM") -> List[float]:
-    """Bradley-Terry training, loss -log sigmoid(r_chosen - r_rejected) (OpenRLHF's PairWiseLoss). Returns epoch losses."""
+                       epochs: int, lr: float, batch: int, seed: int, desc: str = "RM",
+                       loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor, List[int]], torch.Tensor]] = None
+                       ) -> List[float]:
+    """Pairwise training, by default Bradley-Terry: loss -log sigmoid(r_chosen - r_rejected) (OpenRLHF's PairWiseLoss);
+    `loss_fn(r_chosen, r_rejected, pair indices)` replaces it. Returns epoch losses."""
     opt = torch.optim.Adam(rm.parameters(), lr=lr)
     rng = random.Random(seed)
     order = list(range(len(chosen)))
@@ -223,7 +226,10 @@ def train_reward_model(rm: RewardModel, prompt_ids: torch.Tensor, chosen: torch.
             p = torch.cat([prompt_ids[idx], prompt_ids[idx]])
             seq, mask = sequences_and_mask(p, torch.cat([chosen[idx], rejected[idx]]))
             r = rm(seq, mask)
-            loss = -F.logsigmoid(r[: len(idx)] - r[len(idx) :]).mean()
+            if loss_fn is None:
+                loss = -F.logsigmoid(r[: len(idx)] - r[len(idx) :]).mean()
+            else:
+                loss = loss_fn(r[: len(idx)], r[len(idx) :], idx.tolist())
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -24,6 +24,7 @@ Layout of `out/world<seed>/`:
 - `runs/<id>.json`: one PPO run: its spec, training log and one evaluation per KL stair (per-prompt metrics).
 `out/` itself gets `results.json`, `report.md` and the figures (`openrlhf_lsc.lab.report`).
 """
+
 import os
 import time
 from typing import Dict, Optional

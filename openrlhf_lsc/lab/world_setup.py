@@ -56,9 +56,10 @@ class Lab:
     STAGES = (("sft", "models/sft"), ("reward_models", "setup/reward_models.json"),
               ("references", "setup/references.json"), ("pools", "setup/pools.npz"), ("headroom", "setup/headroom.json"))
 
-    def setup(self, progress: bool = True) -> None:
-        """Run the setup stages not yet done."""
-        for name, marker in tqdm(self.STAGES, desc=f"setup world {self.seed}", disable=not progress):
+    def setup(self, progress: bool = True, last: str = "headroom") -> None:
+        """Run the setup stages up to `last` not yet done."""
+        stages = self.STAGES[: [name for name, _ in self.STAGES].index(last) + 1]
+        for name, marker in tqdm(stages, desc=f"setup world {self.seed}", disable=not progress):
             if not os.path.exists(self.path(marker)):
                 with self.timed(name):
                     getattr(self, f"build_{name}")()
