@@ -32,7 +32,9 @@ from openrlhf_lsc.am_loss import AdvantageModelLoss, pairwise_metrics  # noqa: E
 from openrlhf_lsc.lab import models, ppo  # noqa: E402
 from openrlhf_lsc.lab.config import PRESETS as LAB_PRESETS  # noqa: E402
 from openrlhf_lsc.lab.evaluation import gold_scores  # noqa: E402
-from openrlhf_lsc.lab.files import pin_json, read_json, save_model_dir, write_json, write_text  # noqa: E402
+from openrlhf_lsc.lab.files import (  # noqa: E402
+    pin_json, read_json, save_figure, save_model_dir, write_json, write_text,
+)
 from openrlhf_lsc.lab.world_setup import Lab  # noqa: E402
 
 TASKS = {"code": ("code", "bike", "home", "money"), "qa": ("cooking", "garden", "travel", "health")}
@@ -172,11 +174,7 @@ def plot(out: str, setup: Dict, runs: List[Dict]) -> str:
     ax.axhline(0.5, color="gray", lw=0.8)
     ax.set(title="PPO: per-task gold win rate vs SFT", xlabel="KL(policy || SFT)", ylabel="win rate")
     ax.legend()
-    path = os.path.join(out, "am_vs_bt.png")
-    fig.savefig(path + ".tmp.png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-    return "am_vs_bt.png"
+    return save_figure(fig, os.path.join(out, "am_vs_bt.png"))
 
 
 def summarise(runs: List[Dict], setup: Dict) -> List[Dict]:

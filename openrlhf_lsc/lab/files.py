@@ -1,18 +1,27 @@
-"""The lab's file helpers: atomic writes (a temporary file, then a rename) and JSON reading."""
+"""The lab's file helpers: atomic writes (`openrlhf_lsc.files.write_atomic`) of text, JSON, figures and model
+folders, and JSON reading."""
 
 import json
 import os
 import shutil
 from typing import Dict, Sequence
 
+from openrlhf_lsc.files import write_atomic
+
 
 def write_text(path: str, text: str) -> None:
-    """Write a text file atomically (tmp file, then rename), creating its folder."""
+    """Write a text file atomically, creating its folder."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
+
+
+def save_figure(fig, path: str, dpi: int = 100) -> str:
+    """Save a matplotlib figure as PNG atomically and close it; returns the file name."""
+    import matplotlib.pyplot as plt
+
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
+    plt.close(fig)
+    return os.path.basename(path)
 
 
 def write_json(path: str, obj) -> None:

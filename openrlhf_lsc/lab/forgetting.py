@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from openrlhf_lsc.lab import models, ppo, world
 from openrlhf_lsc.lab.config import PRESETS
 from openrlhf_lsc.lab.evaluation import gold_scores
-from openrlhf_lsc.lab.files import pin_json, read_json, write_json, write_text
+from openrlhf_lsc.lab.files import pin_json, read_json, save_figure, write_json, write_text
 from openrlhf_lsc.lab.world_setup import Lab
 from openrlhf_lsc.rehearsal import cluster_prompts, select, token_nll
 
@@ -199,10 +199,7 @@ def write_report(out: str, results: Dict) -> None:
         ax.set_title(key.replace("_", " ") + (" (held-out expert set)" if key == "heldout_nll" else " (train prompts)"),
                      fontsize=9)
     axes[0].legend(fontsize=8)
-    tmp = os.path.join(out, "forgetting.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, os.path.join(out, "forgetting.png"))
+    save_figure(fig, os.path.join(out, "forgetting.png"))
 
     head = "| arm | PPO prompts | gold helpful | gold harmless | proxy helpful | held-out expert NLL | rollout KL |"
     lines = [head, "|---|---|---|---|---|---|---|"]

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from openrlhf_lsc.lab.files import write_text  # noqa: E402
+from openrlhf_lsc.lab.files import save_figure, write_text  # noqa: E402
 
 TITLES = {
     "win_helpful": "win rate: gold helpfulness > SFT 85th percentile",
@@ -30,12 +30,7 @@ SUBSET = {"all": "all test prompts", "sensitive": "sensitive test prompts"}
 
 
 def _save(fig, out: str, name: str) -> str:
-    path = os.path.join(out, name)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return name
+    return save_figure(fig, os.path.join(out, name), dpi=110)
 
 
 def _order(m: str):
