@@ -15,6 +15,8 @@ from am_ranks_worker import MOMENTUM, N_EVAL, STEPS, TASKS, eval_scores, free_po
 
 from openrlhf_lsc.am_loss import AdvantageModelLoss, pairwise_metrics
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):

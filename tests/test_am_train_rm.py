@@ -23,6 +23,8 @@ import torch
 
 from openrlhf_lsc.am_loss import pairwise_metrics
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 TOPICS = {"code": ["write", "fn", "var", "list", "sort"], "qa": ["what", "why", "who", "the", "answer"]}
 WORDS = ["task", "code", "qa", ":", "ok", "yes", "no"] + TOPICS["code"] + TOPICS["qa"]

@@ -216,7 +216,8 @@ def argv_for(w, tool, changes):
     return argv, fill
 
 
-@pytest.mark.parametrize("tool, changes, named, mode", ROWS, ids=[f"{r[0][:3]}-{i}" for i, r in enumerate(ROWS)])
+@pytest.mark.parametrize("tool, changes, named, mode", [
+    pytest.param(*r, id=f"{r[0][:3]}-{i}", marks=[pytest.mark.slow] if r[3] == SUB else []) for i, r in enumerate(ROWS)])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(world, capsys, tool, changes, named, mode):
     argv, fill = argv_for(world, tool, changes)
     before = snapshot(world["root"])
@@ -243,6 +244,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(world, capsys, tool, ch
     assert snapshot(world["root"]) == before
 
 
+@pytest.mark.slow
 def test_help_works_without_flash_attn_or_vllm_and_shows_defaults():
     import importlib
 
@@ -298,6 +300,7 @@ except SystemExit as e:
                                         "--lsc.transform", "lsc", "--lsc.reference", "group",
                                         "--rollout.n_samples_per_prompt", "2"]),
 ])
+@pytest.mark.slow
 def test_a_bad_path_is_reported_before_openrlhfs_heavy_modules_load(module, argv):
     """Every CLI checks its flags before importing DeepSpeed, Ray or OpenRLHF's utils (~10 s): the offline tools once
     imported DeepSpeed through OpenRLHF's `hierarchize` first and took 3x as long as train_ppo_ray to say a path is

@@ -240,6 +240,7 @@ SUBPROCESS_ROWS = [r for r in BAD if r[2] in ("--lsc.weights needs 2 values", "-
                                                "--lsc.rehearsal.coef", "--reward.remote_url")][:4]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, source, message", SUBPROCESS_ROWS)
 def test_bad_input_rows_as_real_subprocesses(extra, source, message, tmp_path):
     """A few rows as a user runs them: a fresh `python -m` process on the CPU install (no stand-ins)."""
@@ -252,6 +253,7 @@ def test_bad_input_rows_as_real_subprocesses(extra, source, message, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_real_run_without_flash_attn_and_vllm_is_one_line_naming_them(tmp_path):
     out = subprocess.run([sys.executable, "-m", "openrlhf_lsc.cli.train_ppo_ray", *BASE, *LSC], cwd=tmp_path,
                          env=CPU_ENV, capture_output=True, text=True, timeout=300)
@@ -260,6 +262,7 @@ def test_real_run_without_flash_attn_and_vllm_is_one_line_naming_them(tmp_path):
     assert "flash_attn and vllm" in out.stderr and "openrlhf_lsc[gpu]" in out.stderr
 
 
+@pytest.mark.slow
 def test_help_on_the_cpu_install_lists_every_flag_with_its_default():
     check = ("import sys, runpy; sys.argv = ['x', '--help']\n"
              "try:\n    runpy.run_module('openrlhf_lsc.cli.train_ppo_ray', run_name='__main__')\n"

@@ -87,6 +87,7 @@ def test_bad_input_one_line_exit_2_nothing_written(extra, message, tmp_path, mon
     assert list(tmp_path.iterdir()) == []  # no output folder or file
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, message", [BAD[3], BAD[15]])
 def test_bad_input_rows_as_real_subprocesses(extra, message, tmp_path):
     out = subprocess.run([sys.executable, "-m", "openrlhf_lsc.cli.train_rm", *BASE, *extra], cwd=tmp_path,
@@ -95,6 +96,7 @@ def test_bad_input_rows_as_real_subprocesses(extra, message, tmp_path):
     assert message in out.stderr and "Traceback" not in out.stderr and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_real_run_without_flash_attn_is_one_line_naming_it(tmp_path):
     out = subprocess.run([sys.executable, "-m", "openrlhf_lsc.cli.train_rm", *BASE, *AM], cwd=tmp_path,
                          env=CPU_ENV, capture_output=True, text=True, timeout=300)
@@ -102,6 +104,7 @@ def test_real_run_without_flash_attn_is_one_line_naming_it(tmp_path):
     assert "flash_attn" in out.stderr and "openrlhf_lsc[gpu]" in out.stderr
 
 
+@pytest.mark.slow
 def test_help_on_the_cpu_install_shows_defaults():
     check = ("import sys, runpy; sys.argv = ['x', '--help']\n"
              "try:\n    runpy.run_module('openrlhf_lsc.cli.train_rm', run_name='__main__')\n"

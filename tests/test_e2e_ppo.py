@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForSequenceCl
 
 from cpu_harness import tiny_models
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 DRIVER = Path(__file__).resolve().parent / "cpu_harness" / "driver.py"
 ROLLOUT_BATCH, N_SAMPLES, STEPS = 2, 2, 2  # prompts per step, samples per prompt, PPO steps

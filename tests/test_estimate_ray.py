@@ -6,6 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def ray_cluster():

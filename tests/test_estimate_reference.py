@@ -502,6 +502,7 @@ def test_cli_rerun_keeps_finished_shards_retries_failed_prompts_and_guards_setti
     assert "names ['rm'] are not unique: set --rm.names" in err
 
 
+@pytest.mark.slow
 def test_cli_resumes_after_kill_9_with_every_prompt_once(cli_setup, e2e):
     out = cli_setup.root / "killed"
     cmd = [sys.executable, "-m", "openrlhf_lsc.cli.estimate_reference", *cli_setup.argv, "--output.dir", str(out)]

@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from openrlhf_lsc.lab import am_vs_bt as amb
 from lab_checks import numbers
 
+pytestmark = pytest.mark.slow
+
 CFG = amb.PRESETS["smoke"]
 
 

@@ -11,6 +11,8 @@ import torch
 from openrlhf_lsc.lab import forgetting, models
 from lab_checks import numbers
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):

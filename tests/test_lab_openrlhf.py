@@ -144,6 +144,7 @@ sys.exit("train() was not reached")
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lsc_AND", "weighted_w0.3", "single_lsc_canned", "single_raw"])
 def test_gpu_example_flags_parse_in_the_real_launcher(tmp_path, method):
     """examples/lab_gpu.sh, with `python -m openrlhf_lsc.cli.train_ppo_ray` stopped just before training."""

@@ -26,6 +26,8 @@ from openrlhf_lsc.lab.world_setup import Lab, load_world
 from openrlhf_lsc.references import references_from_labels
 from lab_checks import numbers
 
+pytestmark = pytest.mark.slow
+
 CFG = PRESETS["smoke"]
 
 

@@ -525,6 +525,7 @@ print("steps", [json.loads(line)["step"] for line in open(sys.argv[2])])
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer", ["sync", "async"])
 def test_step_number_is_openrlhfs_global_step_so_it_survives_a_resume(openrlhf_modules, trainer, tmp_path):
     """The dump's step is the global step OpenRLHF logs for the rollout (train_step's global_step + 1): a run
@@ -540,6 +541,7 @@ def test_step_number_is_openrlhfs_global_step_so_it_survives_a_resume(openrlhf_m
     assert "steps [42, 42, 43, 43]" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_setup_hook_registers_without_initialising_cuda():
     """The Ray worker setup hook (run before OpenRLHF sets CUDA_VISIBLE_DEVICES per actor) must not touch CUDA:
     any CUDA initialisation goes through torch.cuda._lazy_init, which fails here if called."""
@@ -587,6 +589,7 @@ print("autoload:", ray.get(on.remote()), ray.get(off.remote()))
 '''
 
 
+@pytest.mark.slow
 def test_autoloader_registers_in_ray_workers_only_when_asked(tmp_path):
     """`python -m openrlhf_lsc.integration.autoload install` + OPENRLHF_LSC_AUTOLOAD=1: Ray workers started without
     the setup hook have the plugin; without the variable they do not. (The folder it installs into stands for
@@ -608,6 +611,7 @@ def test_autoloader_registers_in_ray_workers_only_when_asked(tmp_path):
     assert not (site_dir / autoload.PTH).exists()
 
 
+@pytest.mark.slow
 def test_register_skips_what_cannot_import_here():
     """On a CPU install without flash-attn / vLLM (no test stand-ins), register() (called by a patched OpenRLHF's
     load_plugins in every CLI) skips the parts whose OpenRLHF code needs them, instead of failing the process."""

@@ -216,6 +216,7 @@ def test_cli_scores_with_a_reward_model_like_hf_does(tmp_path, tiny_rm):
     assert np.argsort(got).tolist() == np.argsort(want).tolist() or np.corrcoef(got, want)[0, 1] > 0.99
 
 
+@pytest.mark.slow
 def test_kill_9_during_the_output_phase_never_leaves_a_mixed_set(tmp_path):
     """Runs killed at random file-system operations while writing the outputs (seeds 0..4, plus the first and last
     operation): a reader of the output folder sees the previous complete set or the new one, never a mix."""

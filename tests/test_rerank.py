@@ -293,6 +293,7 @@ def test_cli_reranks_stored_scores_with_other_settings(setup, e2e, capsys):
     assert "rerank.k: 4 -> 3" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_resumes_after_kill_9(setup, e2e, judge):
     out = setup.root / "killed"
     cmd = [sys.executable, "-m", "openrlhf_lsc.cli.rerank", *setup.argv, *LABEL_ARGS, "--output.dir", str(out)]
@@ -365,6 +366,7 @@ def test_cli_bad_input_is_one_line_before_any_model_loads(setup, tmp_path, monke
     assert re.search(message, err), err
 
 
+@pytest.mark.slow
 def test_cli_help_shows_defaults_without_flash_attn_or_vllm():
     code = ("import importlib.util, runpy, sys\n"
             "assert importlib.util.find_spec('flash_attn') is None and importlib.util.find_spec('vllm') is None\n"

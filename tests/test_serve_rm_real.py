@@ -14,6 +14,8 @@ import torch
 
 from openrlhf_lsc.serve_rm import RewardServerError, ServeRMClient
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")

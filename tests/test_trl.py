@@ -25,6 +25,8 @@ from cpu_harness.tiny_models import build
 from openrlhf_lsc.frameworks.trl import MonitorCallback, lsc_reward_funcs
 from openrlhf_lsc.rewards import RewardSpec, reward_utilities
 
+pytestmark = pytest.mark.slow
+
 TESTS = Path(__file__).resolve().parent
 
 
