@@ -2,7 +2,7 @@
 
 What is mirrored (file references are to the installed openrlhf package):
 - reward: the K proxy rewards go through `openrlhf_lsc.rewards.reward_utilities` (references from the prompts'
-  labels, transform, aggregate) -- the reward core `openrlhf_lsc.integration.ppo` calls inside OpenRLHF --
+  labels, transform, aggregate) -- the reward core `openrlhf_lsc.integration.reward_path` calls inside OpenRLHF --
   before group baselines, clipping and the KL penalty;
 - group baselines for rloo / reinforce_baseline / group_norm and the per-token k1 KL penalty with the
   utility at the EOS token, clipped to `clip_range` (`RemoteExperienceMaker.compute_advantages_and_returns`,
