@@ -11,19 +11,20 @@
 - Every dotted flag a page names (`--lsc.quantile`, `--reward.clip_range`, `--lsc.monitor.*`) is a flag of one of the
   plugin's CLIs (stock OpenRLHF's flags included).
 - Every relative link reaches a file and its `#anchor` a heading; every repository path in code exists.
-- README's "Where things live" covers every `--lsc.*` / `--am.*` flag; every extra a page installs is in setup.py; the
-  version setup.py reads is the package's and CHANGELOG.md's newest.
+- README's "Where things live" covers every `--lsc.*` / `--am.*` flag; every extra a page installs is in setup.py;
+  setup.py's version is the package's and CHANGELOG.md's newest, its OpenRLHF range the one the patches check.
 """
 
 import argparse
-import ast
 import importlib
 import importlib.util
 import re
+import runpy
 import shlex
-import subprocess
 import sys
+import types
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from test_examples import Parsed, parse_ppo, parse_rm, user_files
@@ -340,24 +341,32 @@ def test_repository_paths_exist(page):
 # --------------------------------------------------------------------------------------------- release
 
 
-def _extras() -> set:
-    tree = ast.parse((ROOT / "setup.py").read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.keyword) and node.arg == "extras_require":
-            return {k.value for k in node.value.keys}
-    raise AssertionError("setup.py has no extras_require")
+def _setup_kwargs() -> dict:
+    """setup.py's arguments to `setup()`, read by running it with a recorder in place of setuptools."""
+    recorded = {}
+    fake = types.ModuleType("setuptools")
+    fake.setup, fake.find_packages = lambda **kw: recorded.update(kw), lambda **kw: []
+    with mock.patch.dict(sys.modules, {"setuptools": fake}):
+        runpy.run_path(str(ROOT / "setup.py"), run_name="__main__")
+    return recorded
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_name)
 def test_installed_extras_exist(page):
+    extras = set(_setup_kwargs()["extras_require"])
     text = page.read_text()
     named = {e for group in re.findall(r"(?:openrlhf_lsc|\.)\[([\w,-]+)\]", text) for e in group.split(",")}
-    assert named <= _extras(), f"{_name(page)} installs extras setup.py lacks: {sorted(named - _extras())}"
+    assert named <= extras, f"{_name(page)} installs extras setup.py lacks: {sorted(named - extras)}"
 
 
-def test_one_version():
+def test_release_metadata():
+    """One version (the package's, CHANGELOG's newest) and the OpenRLHF range the patches check, in setup.py."""
     import openrlhf_lsc
+    from openrlhf_lsc.integration import SUPPORTED
 
-    out = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, capture_output=True, text=True, check=True)
+    kw = _setup_kwargs()
     newest = re.search(r"^## \[?(\d+\.\d+\.\d+)", (ROOT / "CHANGELOG.md").read_text(), re.M)
-    assert out.stdout.split()[-1] == openrlhf_lsc.__version__ == newest.group(1)
+    assert kw["version"] == openrlhf_lsc.__version__ == newest.group(1)
+    supported = f">={SUPPORTED[0]},<{SUPPORTED[1]}"
+    assert supported in kw["description"] and kw["extras_require"]["gpu"] == [f"openrlhf[vllm]{supported}"]
+    assert kw["long_description"] == (ROOT / "README.md").read_text()
