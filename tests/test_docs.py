@@ -220,9 +220,11 @@ def test_documented_command_parses(where, command, user, monkeypatch, capsys):
     module, argv = _argv(command, values, where)
     try:
         _run(module, argv, monkeypatch)
+        return
     except SystemExit as e:
-        err = capsys.readouterr().err.strip().splitlines()
-        pytest.fail(f"{where}: {command!r} exits {e.code}: {err[-1] if err else ''}")
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    pytest.fail(f"{where}: {' '.join(command.split())!r} exits {code}: {err[-1] if err else ''}", pytrace=False)
 
 
 @pytest.mark.parametrize("where, command, expected", ERRORS, ids=_ids(ERRORS))
