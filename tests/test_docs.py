@@ -27,7 +27,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from test_examples import Parsed, parse_ppo, parse_rm, user_files
+from test_examples import Parsed, module_argv, parse_ppo, parse_rm, record, user_files
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -239,6 +239,27 @@ def test_documented_error_is_the_cli_error(where, command, expected, user, monke
     for var, value in sorted(values.items(), key=lambda kv: -len(kv[1])):
         line = line.replace(value, f"${var}")
     assert (e.value.code, line) == (2, expected), where
+
+
+@pytest.mark.parametrize("script, module", [("estimate_reference_gpu.sh", "openrlhf_lsc.cli.estimate_reference"),
+                                            ("select_rehearsal.sh", "openrlhf_lsc.cli.select_rehearsal")])
+def test_offline_example_passes_its_cli_checks(script, module, tmp_path, monkeypatch, capsys):
+    """The offline tools' example scripts (tests/test_examples.py covers the PPO and RM ones), nothing loaded."""
+    import torch
+    from safetensors.torch import save_file
+
+    files = user_files(tmp_path / "user")  # the paths record() gives the script
+    monkeypatch.setenv("DATA", files["DATASET"])
+    monkeypatch.setenv("AM", files["RM"])
+    (argv,) = record(script, tmp_path)
+    for folder in (tmp_path / "user" / "models").iterdir():
+        save_file({"score.weight": torch.zeros(1, 2)}, str(folder / "model.safetensors"))
+    try:
+        _run(module, module_argv(argv, module), monkeypatch)
+        return
+    except SystemExit as e:
+        code = e.code
+    pytest.fail(f"examples/{script} exits {code}: {capsys.readouterr().err.strip()}", pytrace=False)
 
 
 # ------------------------------------------------------------------------------------------ flag names
