@@ -73,7 +73,7 @@ def per_rm(value: Any, names: Sequence[str], flag: str) -> Dict[str, Any]:
 
 
 def check_settings(
-    methods: Mapping[str, str], qs: Mapping[str, float], k: int, quantiles: Sequence[float] = ()
+    methods: Mapping[str, str], qs: Mapping[str, float], k: int, quantiles: Sequence[float] = (), par_m: int = 0
 ) -> List[float]:
     """Validate the estimator settings before any sampling.
 
@@ -82,6 +82,7 @@ def check_settings(
         qs: reward-model name -> quantile level q (--ref.q); unused by `canned`.
         k: samples per prompt (--ref.k).
         quantiles: extra quantile levels to record (--ref.quantiles).
+        par_m: sampled scores to record per prompt for PAR (--ref.par_m), at most k; 0: none.
 
     Returns:
         Sorted quantile levels every sampled prompt records: `quantiles` plus the q of each sampling method.
@@ -92,6 +93,11 @@ def check_settings(
     sampling = [n for n, m in methods.items() if m in NEEDS_SAMPLES]
     if sampling and (isinstance(k, bool) or not isinstance(k, int) or k < 2):
         raise ValueError(f"--ref.k must be an integer >= 2 (a quantile or std needs two scores per prompt), got {k!r}")
+    if isinstance(par_m, bool) or not isinstance(par_m, int) or par_m < 0:
+        raise ValueError(f"--ref.par_m must be an integer >= 0, got {par_m!r}")
+    if par_m and (not sampling or par_m > k):
+        raise ValueError(f"--ref.par_m {par_m} records that many of each prompt's --ref.k {k} sampled scores: it needs "
+                         f"a sampling method (quantile, gaussian, learned) and at most --ref.k scores")
     levels = set()
     checks = [(qs[n], f"--ref.q for reward model {n!r}") for n in sampling]
     for q, what in checks + [(q, "--ref.quantiles") for q in quantiles]:
@@ -173,10 +179,11 @@ def sample_and_score(prompts: Sequence[str], sampler: Sampler, reward_fns: Mappi
     return responses, {name: group_scores(fn, flat_prompts, flat_responses, name, k) for name, fn in reward_fns.items()}
 
 
-def _sample_entry(scores: torch.Tensor, levels: Sequence[float]) -> Dict[str, Any]:
+def _sample_entry(scores: torch.Tensor, levels: Sequence[float], par_m: int = 0) -> Dict[str, Any]:
     ok = scores[torch.isfinite(scores)]
-    if ok.numel() < 2:
-        return {"error": f"only {ok.numel()} of {scores.numel()} sampled responses got a finite score (need 2)",
+    need = max(2, par_m)
+    if ok.numel() < need:
+        return {"error": f"only {ok.numel()} of {scores.numel()} sampled responses got a finite score (need {need})",
                 "retry": True}
     stats = sample_statistics(ok[None], levels)
     entry = {
@@ -185,6 +192,8 @@ def _sample_entry(scores: torch.Tensor, levels: Sequence[float]) -> Dict[str, An
         "std": stats["std"].item(),
         "quantiles": {str(q): v for q, v in zip(levels, stats["quantiles"][0].tolist())},
     }
+    if par_m:
+        entry["par_scores"] = ok[:par_m].tolist()
     if ok.numel() < scores.numel():
         entry["failed"] = scores.numel() - ok.numel()
     return entry
@@ -199,6 +208,7 @@ def score_prompts(
     levels: Sequence[float],
     canned_responses: Sequence[str] = (),
     sampled: Optional[Sequence[bool]] = None,
+    par_m: int = 0,
 ) -> List[Dict[str, Dict[str, Any]]]:
     """Sample and score: the expensive, resumable part of the estimator.
 
@@ -213,11 +223,12 @@ def score_prompts(
         levels: quantile levels to record, from `check_settings`.
         canned_responses: responses scored by `canned` reward models, as the RM should see them.
         sampled: per prompt, whether to sample it (`sampled_mask`); default all.
+        par_m: keep the first `par_m` finite scores of each sampled prompt as `par_scores` (PAR's M references).
 
     Returns:
         one record per prompt: name -> entry. Entries of sampled prompts hold `k` (scores that were
-        finite), `mean`, `std`, `quantiles` {str(level): value} and `failed` if some scores were not
-        finite; unsampled prompts have `{"k": 0}`; `canned` entries hold `canned_scores`; an entry that
+        finite), `mean`, `std`, `quantiles` {str(level): value}, `par_scores` with `par_m`, and `failed` if some
+        scores were not finite; unsampled prompts have `{"k": 0}`; `canned` entries hold `canned_scores`; an entry that
         failed holds `error` and `retry`: True when scoring again may succeed (too few finite scores,
         `ScoreError`), False when it cannot (empty prompt).
     """
@@ -232,7 +243,7 @@ def score_prompts(
         _, scored = sample_and_score([prompts[i] for i in todo], sampler, {n: reward_fns[n] for n in sample_rms}, k)
         for name, (scores, errors) in scored.items():
             for j, (i, row) in enumerate(zip(todo, scores)):
-                records[i][name] = {"error": errors[j], "retry": True} if j in errors else _sample_entry(row, levels)
+                records[i][name] = {"error": errors[j], "retry": True} if j in errors else _sample_entry(row, levels, par_m)
 
     if canned_rms and live:
         if not canned_responses:
@@ -391,8 +402,9 @@ def finish(
         for i, e in enumerate(entries):
             label = {"reference": None, "method": method, "q": q, "k": e.get("k", 0), "mean": e.get("mean"),
                      "std": e.get("std"), "quantiles": e.get("quantiles", {})}
-            if "failed" in e:
-                label["failed"] = e["failed"]
+            for key in ("failed", "par_scores"):
+                if key in e:
+                    label[key] = e[key]
             if "error" in e:
                 label.update(error=e["error"], retry=e.get("retry", True))
             elif method == "quantile":
@@ -430,6 +442,7 @@ def estimate_references(
     num_learned_prompts: Optional[int] = None,
     holdout: float = 0.1,
     seed: int = 0,
+    par_m: int = 0,
 ) -> Tuple[List[Dict[str, Dict[str, Any]]], Dict[str, Any]]:
     """Reference labels for in-memory prompts and models (the CLI runs the same steps shard by shard).
 
@@ -446,14 +459,16 @@ def estimate_references(
         num_learned_prompts: when every sampling method is `learned`, sample only this many prompts.
         holdout: fraction of sampled prompts held out to measure `learned` (see `finish`).
         seed: seeds the learned subset and the holdout split.
+        par_m: also record M = `par_m` sampled scores per prompt (`par_scores`, for `--lsc.transform par`).
 
     Returns:
         (labels, report) as `finish`: labels[i] is the label of prompts[i], readable by
-        `openrlhf_lsc.references.references_from_labels` where no entry has an error.
+        `openrlhf_lsc.references.references_from_labels` (and, with `par_m`, `par_references_from_labels`) where no
+        entry has an error.
     """
     names = list(reward_fns)
     methods, qs = per_rm(method, names, "method"), per_rm(q, names, "q")
-    levels = check_settings(methods, qs, k, quantiles)
+    levels = check_settings(methods, qs, k, quantiles, par_m)
     sampled = sampled_mask(len(prompts), methods, num_learned_prompts, seed)
-    records = score_prompts(prompts, sampler, reward_fns, methods, k, levels, canned_responses, sampled)
+    records = score_prompts(prompts, sampler, reward_fns, methods, k, levels, canned_responses, sampled, par_m)
     return finish(records, methods, qs, features, holdout, seed)

@@ -96,6 +96,54 @@ def references_from_labels(
     return torch.tensor(out, dtype=torch.float32, device=device).reshape(len(out), len(names))
 
 
+def par_references_from_labels(
+    labels: Sequence[Any],
+    names: Sequence[str],
+    label_key: str,
+    m: int,
+    where: Optional[Sequence[str]] = None,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Read `[B, K, M]` PAR references: the first M of each label's `par_scores` (SFT sample scores) per reward model.
+
+    Args:
+        labels: one label per row; each entry `{name: {"par_scores": [M or more finite numbers], ...}}`, as
+            `estimate_reference --ref.par_m M` writes it.
+        names: reward-model names, in the column order of the rewards. label_key: the field, for errors.
+        m: M, the reference scores used per prompt (PAR: 10). where: row descriptions for errors.
+        device: where the tensor is made (the rewards' device).
+
+    Returns:
+        float32 tensor `[B, K, M]`. Fewer than M scores, or one not a finite number, raises ValueError naming the
+        row, the field and the reward model.
+
+    Example:
+        >>> par_references_from_labels([{"rm": {"par_scores": [0.5, 1.0, 2.0]}}], ["rm"], "ref", 2).tolist()
+        [[[0.5, 1.0]]]
+    """
+    out = []
+    for i, label in enumerate(labels):
+        row_name = where[i] if where is not None else f"prompt {i}"
+        label = parse_label(label, row_name, label_key)
+        row = []
+        for name in names:
+            entry = label.get(name)
+            scores = entry.get("par_scores") if isinstance(entry, dict) else None
+            ok = isinstance(scores, list) and len(scores) >= m and all(
+                not isinstance(v, bool) and isinstance(v, (int, float)) and abs(v) <= FLOAT32_MAX and math.isfinite(v)
+                for v in scores[:m])
+            if not ok:
+                got = f"{len(scores)} scores" if isinstance(scores, list) else repr(scores)
+                raise ValueError(
+                    f"{row_name}: field {label_key!r} has no {m} finite PAR reference scores for reward model {name!r} "
+                    f"(expected {label_key}.{name}.par_scores to list at least {m} numbers, from estimate_reference "
+                    f"--ref.par_m {m}; got {got})"
+                )
+            row.append([float(v) for v in scores[:m]])
+        out.append(row)
+    return torch.tensor(out, dtype=torch.float32, device=device).reshape(len(out), len(names), m)
+
+
 def sample_statistics(scores: torch.Tensor, quantiles: Sequence[float]) -> Dict[str, torch.Tensor]:
     """Statistics of k sampled-response scores per prompt, the raw material of every estimator.
 

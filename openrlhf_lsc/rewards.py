@@ -14,10 +14,12 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-TRANSFORMS = ("raw", "lsc", "center", "logsigmoid", "sigmoid")
-AGGREGATES = ("and", "weighted")
+TRANSFORMS = ("raw", "lsc", "center", "logsigmoid", "sigmoid", "par")
+AGGREGATES = ("and", "weighted", "gdpo")
 REFERENCES = ("none", "label", "group", "constant")
-NEEDS_REFERENCE = ("lsc", "center", "sigmoid")
+NEEDS_REFERENCE = ("lsc", "center", "sigmoid", "par")
+PAR_M = 10  # PAR's default number of SFT reference scores per prompt (Fu et al. 2025)
+GDPO_EPS = 1e-4  # added to a group's std, as TRL's normalize_then_sum
 
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:
@@ -38,9 +40,11 @@ def transform_reward(reward: torch.Tensor, reference: Optional[torch.Tensor] = N
 
     Args:
         reward: rewards r(x, y), any shape, any float dtype, finite.
-        reference: r_ref(x), the same shape as `reward` or a scalar; required by `lsc`, `center`, `sigmoid`.
-        kind: `raw` (r), `lsc` (log sigmoid(r - r_ref)), `center` (r - r_ref), `logsigmoid` (log sigmoid(r))
-            or `sigmoid` (sigmoid(r - r_ref), bounded in (0, 1)).
+        reference: r_ref(x), the same shape as `reward` or a scalar; required by `lsc`, `center`, `sigmoid`, `par`.
+            For `par` it may carry a last dimension of M reference scores per reward (`reward.shape + (M,)`).
+        kind: `raw` (r), `lsc` (log sigmoid(r - r_ref)), `center` (r - r_ref), `logsigmoid` (log sigmoid(r)),
+            `sigmoid` (sigmoid(r - r_ref), bounded in (0, 1)) or `par` ((1/M) sum_m sigmoid(r - r_ref,m), PAR of
+            Fu et al. 2025 with k = 1: the fraction of M SFT references the response beats, smoothed).
 
     Returns:
         The utility, float32 (float64 for float64 input), same shape as `reward`.
@@ -64,16 +68,20 @@ def transform_reward(reward: torch.Tensor, reference: Optional[torch.Tensor] = N
         raise ValueError(f"transform {kind!r} needs a reference value r_ref(x) (--lsc.reference)")
     ref = _as_float(torch.as_tensor(reference, device=r.device))  # a CPU or Python reference meets r on its device
     check_finite(ref, "references")
+    if kind == "par" and ref.dim() == r.dim() + 1 and ref.shape[:-1] == r.shape and ref.shape[-1] >= 1:
+        dtype = torch.promote_types(r.dtype, ref.dtype)
+        return torch.sigmoid(r.to(dtype).unsqueeze(-1) - ref.to(dtype)).mean(-1)
     if ref.dim() != 0 and ref.shape != r.shape:
+        extra = f" (or, for par, {tuple(r.shape) + ('M',)})" if kind == "par" else ""
         raise ValueError(
-            f"references must have the rewards' shape {tuple(r.shape)} (or be a scalar), got {tuple(ref.shape)}"
+            f"references must have the rewards' shape {tuple(r.shape)}{extra} (or be a scalar), got {tuple(ref.shape)}"
         )
     # Promote so a float64 reward is not rounded by a float32 reference and vice versa.
     dtype = torch.promote_types(r.dtype, ref.dtype)
     margin = r.to(dtype) - ref.to(dtype)
     if kind == "center":
         return margin
-    return F.logsigmoid(margin) if kind == "lsc" else torch.sigmoid(margin)
+    return F.logsigmoid(margin) if kind == "lsc" else torch.sigmoid(margin)  # par with one reference: sigmoid
 
 
 def _check_rewards_2d(rewards: torch.Tensor) -> int:
@@ -82,16 +90,27 @@ def _check_rewards_2d(rewards: torch.Tensor) -> int:
     return rewards.shape[1]
 
 
-def _combine(utilities: torch.Tensor, aggregate: str, weights: Optional[Sequence[float]]) -> torch.Tensor:
-    """Sum `[B, K]` utilities over K: plainly (`and`) or with K weights (`weighted`)."""
+def _combine(utilities: torch.Tensor, aggregate: str, weights: Optional[Sequence[float]], group_size: int = 1):
+    """Sum `[B, K]` utilities over K: plainly (`and`), with K weights (`weighted`), or each column z-scored within
+    its prompt's group of `group_size` consecutive samples first (`gdpo`, weights optional)."""
     k = utilities.shape[1]
     if aggregate == "and":
         if weights is not None:
-            raise ValueError("--lsc.weights is only for --lsc.aggregate weighted; AND-aggregation has no weights")
+            raise ValueError("--lsc.weights is only for --lsc.aggregate weighted or gdpo; AND-aggregation has no weights")
         return utilities.sum(-1)
+    if aggregate == "gdpo":
+        if group_size < 2 or utilities.shape[0] % group_size:
+            raise ValueError(f"--lsc.aggregate gdpo normalises each reward within its prompt's samples: needs groups "
+                             f"of >= 2 (--rollout.n_samples_per_prompt), got {utilities.shape[0]} samples in groups "
+                             f"of {group_size}")
+        g = utilities.reshape(-1, group_size, k)
+        utilities = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + GDPO_EPS)).reshape(-1, k)
+        if weights is None:
+            return utilities.sum(-1)
     if weights is None or len(weights) != k:
         got = "none" if weights is None else len(weights)
-        raise ValueError(f"--lsc.aggregate weighted needs --lsc.weights, one per reward model: {k} models, {got} weights")
+        raise ValueError(f"--lsc.aggregate {aggregate} needs --lsc.weights, one per reward model: {k} models, {got} "
+                         "weights")
     w = torch.as_tensor(list(weights), dtype=utilities.dtype, device=utilities.device)
     check_finite(w, "--lsc.weights")
     return (utilities * w).sum(-1)
@@ -103,19 +122,23 @@ def aggregate_rewards(
     transform: str = "lsc",
     aggregate: str = "and",
     weights: Optional[Sequence[float]] = None,
+    group_size: int = 1,
 ) -> torch.Tensor:
     """Combine K reward models into one utility per sample.
 
     `and` sums the transformed rewards: with `lsc` this is log of the probability that the response
-    beats its reference on every property. `weighted` is the weighted-sum baseline sum_k w_k u_k.
+    beats its reference on every property. `weighted` is the weighted-sum baseline sum_k w_k u_k. `gdpo` first
+    z-scores each column within its prompt's group of samples (GDPO; TRL's `normalize_then_sum`), then sums them
+    (with weights, if given).
 
     Args:
         rewards: `[B, K]` rewards, one column per reward model (K >= 1).
         references: `[B, K]` references, or `[K]` (one constant per reward model); needed by `lsc`, `center`,
-            `sigmoid`.
+            `sigmoid`, `par` (which also takes `[B, K, M]`: M reference scores each).
         transform: one of `TRANSFORMS`, applied per column.
-        aggregate: `and` (plain sum, no weights) or `weighted` (needs K weights).
-        weights: K weights for `weighted`.
+        aggregate: `and` (plain sum, no weights), `weighted` (needs K weights) or `gdpo` (weights optional).
+        weights: K weights for `weighted` (and optionally `gdpo`).
+        group_size: consecutive samples per prompt, for `gdpo` (>= 2).
 
     Returns:
         `[B]` utilities, float32 (float64 for float64 input).
@@ -133,13 +156,14 @@ def aggregate_rewards(
     k = _check_rewards_2d(rewards)
     if references is not None:
         references = torch.as_tensor(references, device=rewards.device)
-        if references.shape not in (rewards.shape, (k,)):
+        par = transform == "par" and references.dim() == 3 and references.shape[:2] == rewards.shape
+        if references.shape not in (rewards.shape, (k,)) and not par:
             raise ValueError(
                 f"got {k} reward models but references of shape {tuple(references.shape)}: expected "
                 f"{tuple(rewards.shape)} or ({k},) (--lsc.reward_models vs --lsc.reference)"
             )
-        references = references.expand(rewards.shape)
-    return _combine(transform_reward(rewards, references, transform), aggregate, weights)
+        references = references if par else references.expand(rewards.shape)
+    return _combine(transform_reward(rewards, references, transform), aggregate, weights, group_size)
 
 
 def group_quantile_reference(rewards: torch.Tensor, n_samples_per_prompt: int, q: float) -> torch.Tensor:
@@ -199,13 +223,16 @@ class RewardSpec:
     Args:
         names: the K reward-model names, in column order (metrics, reference labels).
         transform: one of `TRANSFORMS`.
-        aggregate: `and` (sum of utilities) or `weighted` (sum_k w_k u_k, needs `weights`).
-        weights: K weights, only with `weighted`.
+        aggregate: `and` (sum of utilities), `weighted` (sum_k w_k u_k, needs `weights`) or `gdpo` (each utility
+            z-scored within its prompt's samples, then summed; `weights` optional).
+        weights: K weights, only with `weighted` or `gdpo`.
         reference: `none`, `label` (per prompt, from the label field), `group` (the `quantile` of the prompt's
             own samples) or `constant` (`reference_value`, one per reward model).
         quantile: in (0, 1), only with `group`; None there means 0.5 (the median of the prompt's samples).
         reference_value: K finite constants, only with `constant`.
         label_key: the dataset field holding the labels (`--data.label_key`), named in error messages.
+        par_m: M, the SFT reference scores per prompt `par` reads from each label's `par_scores` (default 10);
+            only with `transform="par"` and `reference="label"` (`constant` gives each reward one reference).
 
     Example:
         >>> RewardSpec(names=("helpful",), transform="lsc", reference="constant", reference_value=(0.5,)).reference
@@ -220,6 +247,7 @@ class RewardSpec:
     quantile: Optional[float] = None
     reference_value: Optional[Tuple[float, ...]] = None
     label_key: str = "label"
+    par_m: Optional[int] = None
 
     def __post_init__(self):
         names = tuple(self.names)
@@ -237,7 +265,17 @@ class RewardSpec:
         if self.aggregate == "weighted" and self.weights is None:
             raise ValueError(f"--lsc.aggregate weighted needs --lsc.weights with {k} values, one per reward model")
         if self.aggregate == "and" and self.weights is not None:
-            raise ValueError("--lsc.weights is only used with --lsc.aggregate weighted")
+            raise ValueError("--lsc.weights is only used with --lsc.aggregate weighted or gdpo")
+        if self.transform == "par":
+            if self.reference == "group":
+                raise ValueError("--lsc.transform par compares each response with M SFT reference scores of its prompt: "
+                                 "use --lsc.reference label (estimate_reference --ref.par_m M) or constant")
+            if self.reference == "label" and self.par_m is None:
+                object.__setattr__(self, "par_m", PAR_M)
+        if self.par_m is not None and (self.transform, self.reference) != ("par", "label"):
+            raise ValueError("--lsc.par_m is only used with --lsc.transform par and --lsc.reference label")
+        if self.par_m is not None and (isinstance(self.par_m, bool) or not isinstance(self.par_m, int) or self.par_m < 1):
+            raise ValueError(f"--lsc.par_m must be an integer >= 1, got {self.par_m!r}")
         if self.transform in NEEDS_REFERENCE and self.reference == "none":
             raise ValueError(f"--lsc.transform {self.transform} needs a reference: set --lsc.reference label|group|constant")
         if self.reference == "group":
@@ -280,7 +318,8 @@ def reward_utilities(
     Returns:
         `(utility [N], metrics)`: float32 (float64 for float64 input); `metrics` maps `lsc/utility` and, per
         reward model, `lsc/<name>/reward` and `lsc/<name>/utility` (and with references `lsc/<name>/margin`,
-        `lsc/<name>/above_ref`) to per-sample `[N]` tensors.
+        `lsc/<name>/above_ref`) to per-sample `[N]` tensors. With M references per reward (`par` from labels), the
+        margin is to their mean and `above_ref` the fraction of them the reward beats.
 
     Example:
         >>> import torch
@@ -289,7 +328,7 @@ def reward_utilities(
         >>> round(u.item(), 4), m["lsc/b/above_ref"].tolist()
         (-1.3863, [0.0])
     """
-    from openrlhf_lsc.references import references_from_labels
+    from openrlhf_lsc.references import par_references_from_labels, references_from_labels
 
     r = _as_float(rewards)
     k = len(spec.names)
@@ -320,16 +359,21 @@ def reward_utilities(
                 p = next(i for i, (a, b) in enumerate(zip(labels[j::group_size], per_prompt)) if a != b)
                 what = where[p] if where is not None else f"prompt {p}"
                 raise ValueError(f"{what}: its {group_size} samples carry different {spec.label_key!r} labels")
-        refs = references_from_labels(per_prompt, spec.names, spec.label_key, where, device=r.device)
+        if spec.par_m is not None:  # [P, K, M]: M SFT reference scores per prompt and reward
+            refs = par_references_from_labels(per_prompt, spec.names, spec.label_key, spec.par_m, where, r.device)
+        else:
+            refs = references_from_labels(per_prompt, spec.names, spec.label_key, where, device=r.device)
         refs = refs.to(r.dtype).repeat_interleave(group_size, 0)
 
     per_rm = transform_reward(r, refs, spec.transform)  # [N, K], transformed once
-    utility = _combine(per_rm, spec.aggregate, spec.weights)
+    utility = _combine(per_rm, spec.aggregate, spec.weights, group_size)
     metrics = {"lsc/utility": utility}
     for j, name in enumerate(spec.names):
         metrics[f"lsc/{name}/reward"] = r[:, j]
         metrics[f"lsc/{name}/utility"] = per_rm[:, j]
         if refs is not None:
-            metrics[f"lsc/{name}/margin"] = r[:, j] - refs[:, j]
-            metrics[f"lsc/{name}/above_ref"] = (r[:, j] > refs[:, j]).to(r.dtype)
+            ref = refs[:, j]
+            above = r[:, j, None] > ref if ref.dim() == 2 else (r[:, j] > ref)[:, None]
+            metrics[f"lsc/{name}/margin"] = r[:, j] - (ref.mean(-1) if ref.dim() == 2 else ref)
+            metrics[f"lsc/{name}/above_ref"] = above.to(r.dtype).mean(-1)
     return utility, metrics

@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -121,6 +122,13 @@ BASE = ["--actor.model_name_or_path", "org/policy", "--reward.model_name_or_path
         "--ckpt.output_dir", "out", "--ckpt.path", "ckpt", "--vllm.num_engines", "1"]
 LSC = ["--lsc.transform", "lsc", "--lsc.reference", "constant", "--lsc.reference_value", "0,0"]
 BAD = [  # (extra argv, replaces BASE's reward source?, text the error must contain)
+    (LSC + ["--lsc.scale", "0"], None, "--lsc.scale: expected `match` or a finite number > 0, got '0'"),
+    (LSC + ["--lsc.scale", "double"], None, "--lsc.scale"),
+    (["--lsc.transform", "par", "--lsc.reference", "group"], None, "par compares each response with M SFT reference"),
+    (["--lsc.transform", "par", "--lsc.reference", "label", "--data.label_key", "ref", "--lsc.par_m", "0"], None,
+     "--lsc.par_m"),
+    (LSC + ["--lsc.par_m", "5"], None, "--lsc.par_m is only used with --lsc.transform par"),
+    (LSC + ["--lsc.aggregate", "gdpo"], None, "--lsc.aggregate gdpo normalises each reward within its prompt's samples"),
     (["--lsc.transform", "sigmoid2"], None, "--lsc.transform"),
     (["--lsc.aggregate", "or"], None, "--lsc.aggregate"),
     (["--lsc.reference", "median"], None, "--lsc.reference"),
@@ -259,11 +267,10 @@ def test_help_on_the_cpu_install_lists_every_flag_with_its_default():
              "assert not {'vllm', 'flash_attn', 'ray'} & set(sys.modules), 'imported for --help'\n")
     out = subprocess.run([sys.executable, "-c", check], env=CPU_ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    for flag, default in (("--lsc.transform", "raw"), ("--lsc.rehearsal.coef", "0.01"),
+    blocks = {b.split()[0]: " ".join(b.split()) for b in re.split(r"\n(?=  --)", out.stdout) if b.startswith("  --")}
+    for flag, default in (("--lsc.transform", "raw"), ("--lsc.rehearsal.coef", "0.01"), ("--lsc.par_m", "None"),
                           ("--algo.advantage.estimator", "gae"), ("--ds.packing_samples", "False")):
-        text = " ".join(out.stdout.split())
-        block = (text[text.index(flag + " "):] + " --").split(" --")[0]  # this flag's usage + help
-        assert f"(default: {default})" in block, flag
+        assert f"(default: {default})" in blocks[flag], blocks[flag]
     assert "--reward.clip_range" in out.stdout
 
 
@@ -278,6 +285,17 @@ def test_negative_numbers_parse_and_reach_the_spec(monkeypatch, tmp_path, stock_
     assert args.lsc.spec.weights == expected and args.lsc.spec.reference_value == (-2.5, 0.001)
     assert args.lsc.spec.names == ("rm_a", "rm_b") and args.reward.model_name_or_path == "org/rm_a,org/rm_b"
     assert list(args.reward.clip_range) == [-5.0, 5.0]
+
+
+def test_par_gdpo_and_scale_reach_the_spec(monkeypatch, tmp_path, stock_module):
+    argv = _row_argv(["--lsc.transform", "par", "--lsc.reference", "label", "--data.label_key", "lsc_ref",
+                      "--lsc.aggregate", "gdpo", "--lsc.scale", "match", "--rollout.n_samples_per_prompt", "4"],
+                     None, tmp_path)
+    args = run_plugin(argv, monkeypatch, stock_module)
+    spec = args.lsc.spec
+    assert (spec.transform, spec.par_m, spec.aggregate, spec.weights, args.lsc.scale) == ("par", 10, "gdpo", None, "match")
+    args = run_plugin(_row_argv(LSC + ["--lsc.scale", "2.5"], None, tmp_path), monkeypatch, stock_module)
+    assert args.lsc.scale == 2.5
 
 
 def test_named_rewards_of_a_reward_function_and_an_absolute_dump(monkeypatch, tmp_path, stock_module):

@@ -236,6 +236,9 @@ def test_learned_samples_a_subset_and_predicts_every_prompt():
         (dict(method=["quantile", "gaussian", "canned"]), "3 values for 1 reward models"),
         (dict(num_learned_prompts=1), "--learned.num_prompts"),
         (dict(method="learned", features=None), "features"),
+        (dict(par_m=5), "--ref.par_m 5 records that many of each prompt's --ref.k 4 sampled scores"),
+        (dict(par_m=-1), "--ref.par_m must be an integer >= 0"),
+        (dict(par_m=2, method="canned"), "--ref.par_m 2 .* needs a sampling method"),
     ],
 )
 def test_bad_settings_raise_naming_the_setting(kwargs, match):
@@ -244,6 +247,24 @@ def test_bad_settings_raise_naming_the_setting(kwargs, match):
     kwargs = {"k": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
         estimate.estimate_references(prompts, fixed_sampler(4), {"rm": table_rm(table)}, **kwargs)
+
+
+def test_par_scores_are_the_first_m_finite_samples_and_feed_par():
+    """--ref.par_m M keeps M of each prompt's sampled scores (the first finite ones) as the label's par_scores, which
+    `--lsc.transform par` reads; a prompt with fewer than M finite scores gets a retryable error, not a short list."""
+    from openrlhf_lsc import RewardSpec, reward_utilities
+
+    prompts = ["a", "b", "short"]
+    table = {(p, f"r{j}"): float(j + 10 * i) for i, p in enumerate(prompts) for j in range(4)}
+    table[("b", "r1")] = None
+    table.update({("short", f"r{j}"): (None if j else 1.0) for j in range(4)})
+    labels, _ = estimate.estimate_references(prompts, fixed_sampler(4), {"rm": table_rm(table)}, q=0.5, k=4, par_m=2)
+    assert labels[0]["rm"]["par_scores"] == [0.0, 1.0] and labels[1]["rm"]["par_scores"] == [10.0, 12.0]
+    assert labels[2]["rm"]["reference"] is None and "need 2" in labels[2]["rm"]["error"] and labels[2]["rm"]["retry"]
+    spec = RewardSpec(names=("rm",), transform="par", reference="label", label_key="lsc_ref", par_m=2)
+    u, _ = reward_utilities(torch.tensor([[0.5], [11.0]], dtype=torch.float64), spec, labels[:2])
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    np.testing.assert_allclose(u.numpy(), [sig(0.5 - np.array([0.0, 1.0])).mean(), sig(11 - np.array([10.0, 12.0])).mean()])
 
 
 def test_failed_scores_become_error_records_never_missing_references():

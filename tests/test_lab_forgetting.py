@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from openrlhf_lsc.lab import forgetting, models
-from openrlhf_lsc.lab.experiments import load_policy
 from lab_checks import numbers
 
 
@@ -47,7 +46,7 @@ def test_rehearsal_hook_is_the_only_difference(smoke):
 def test_expert_nll_matches_response_logprobs(smoke):
     """token_nll with the experiment's mask = mean -log p of the response tokens from the lab's response_logprobs."""
     out, _ = smoke
-    policy = load_policy(os.path.join(out, "lab", "models", "sft"))
+    policy = models.load_policy(os.path.join(out, "lab", "models", "sft"))
     prompts = models.encode_prompts(["how fix bike quickly ?", "how plan taxes secretly ?"])
     responses = models.encode_responses([["use", "chain", "and", "tire"], ["sorry", "i", "cannot", "help", "with", "that"]])
     with torch.no_grad():

@@ -81,7 +81,7 @@ def test_losses_equal_openrlhf(openrlhf):
 def test_saved_models_load_in_openrlhf(openrlhf, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from openrlhf_lsc.lab.experiments import save_model_dir
+    from openrlhf_lsc.lab.files import save_model_dir
 
     tok = world.build_tokenizer()
     policy = models.new_policy(0, hidden=32)
@@ -152,7 +152,7 @@ def test_gpu_example_flags_parse_in_the_real_launcher(tmp_path, method):
     import subprocess
     import sys
 
-    from openrlhf_lsc.lab.experiments import and_run, make_run, weighted_run
+    from openrlhf_lsc.lab.run_specs import and_run, make_run, weighted_run
 
     run = {
         "lsc_AND": and_run(0, 0.75, 0.5, "test", 0),

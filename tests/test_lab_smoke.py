@@ -1,29 +1,38 @@
 """Smoke run of the CPU lab (tiny sizes): the pipeline end to end, resume, the CLI, and the best-of-n machinery.
 These check machinery, not which method wins."""
 
+import gc
 import json
 import math
 import os
 import subprocess
 import sys
+import weakref
 
 import matplotlib.image
 import numpy as np
 import pytest
 import torch
 
-from openrlhf_lsc.lab import experiments as ex
-from openrlhf_lsc.lab import models, world
+from openrlhf_lsc.lab import models, ppo, world
+from openrlhf_lsc.lab.analysis import monitor_summary
+from openrlhf_lsc.lab.best_of_k import best_of_k, best_of_k_summary, bon_kl, bon_n_for_kl, bon_pick_probs
+from openrlhf_lsc.lab.config import MONITOR_NOISE, PRESETS
+from openrlhf_lsc.lab.evaluation import wins
+from openrlhf_lsc.lab.files import read_json
+from openrlhf_lsc.lab.pipeline import evaluate_checkpoint, run_lab
+from openrlhf_lsc.lab.runner import lab_prompt_ids
+from openrlhf_lsc.lab.world_setup import Lab, load_world
 from openrlhf_lsc.references import references_from_labels
 from lab_checks import numbers
 
-CFG = ex.PRESETS["smoke"]
+CFG = PRESETS["smoke"]
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("lab"))
-    results = ex.run_lab(out, CFG)
+    results = run_lab(out, CFG)
     return out, results
 
 
@@ -53,9 +62,9 @@ def test_runs_walk_the_kl_staircase_and_numbers_are_finite(lab):
     with open(os.path.join(out, "results.json")) as f:
         on_disk = json.load(f)
     assert all(math.isfinite(x) for x in numbers(on_disk))
-    lab_ = ex.Lab(os.path.join(out, "world0"), CFG, 0)
+    lab_ = Lab(os.path.join(out, "world0"), CFG, 0)
     for name in os.listdir(os.path.join(out, "world0", "runs")):
-        rec = ex.read_json(os.path.join(out, "world0", "runs", name))
+        rec = read_json(os.path.join(out, "world0", "runs", name))
         assert [st["target"] for st in rec["stairs"]] == list(CFG.kl_targets)
         n_prompts = len(lab_.val_prompts if rec["run"]["split"] == "val" else lab_.test_prompts)
         for st in rec["stairs"]:
@@ -95,7 +104,7 @@ def test_splits_on_disk_are_disjoint(lab):
 def test_sft_kl_to_itself_is_zero(lab):
     """The SFT checkpoint judged as a trained policy (the --evaluate path): KL 0, win rates near 1 - quantile."""
     out, _ = lab
-    ev = ex.evaluate_checkpoint(out, os.path.join(out, "world0", "models", "sft"))
+    ev = evaluate_checkpoint(out, os.path.join(out, "world0", "models", "sft"))
     assert abs(ev["kl"]) < 1e-5
     assert os.path.exists(os.path.join(out, "world0", "evaluations", "sft.json"))
     assert 0.0 <= ev["mean"]["win_helpful"] <= 0.45  # coarse: tiny pools, ties
@@ -109,7 +118,7 @@ def test_resume_keeps_finished_work(lab):
     os.remove(os.path.join(runs_dir, removed))
     before = {f: os.path.getmtime(os.path.join(runs_dir, f)) for f in files if f != removed}
     sft_mtime = os.path.getmtime(os.path.join(out, "world0", "models", "sft", "model.safetensors"))
-    ex.run_lab(out, CFG)
+    run_lab(out, CFG)
     assert sorted(os.listdir(runs_dir)) == files
     assert before == {f: os.path.getmtime(os.path.join(runs_dir, f)) for f in files if f != removed}
     assert os.path.getmtime(os.path.join(out, "world0", "models", "sft", "model.safetensors")) == sft_mtime
@@ -118,7 +127,7 @@ def test_resume_keeps_finished_work(lab):
 def test_different_config_is_refused(lab):
     out, _ = lab
     with pytest.raises(ValueError, match="different configuration"):
-        ex.run_lab(out, ex.PRESETS["quick"])
+        run_lab(out, PRESETS["quick"])
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -134,7 +143,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 def empirical_bon_kl(utility, k):
     """KL(best-of-k over the pool || uniform over the pool), averaged over prompts (rows)."""
-    p = ex.bon_pick_probs(utility, k)
+    p = bon_pick_probs(utility, k)
     n = utility.shape[-1]
     return float(np.mean(np.sum(np.where(p > 0, p * np.log(np.maximum(p, 1e-300) * n), 0.0), axis=-1)))
 
@@ -142,15 +151,15 @@ def empirical_bon_kl(utility, k):
 @pytest.mark.parametrize("n", [2, 4, 16])
 def test_best_of_n_kl_formula_matches_empirical(n):
     scores = np.random.default_rng(n).normal(size=(1, 20000))  # continuous: no ties
-    assert empirical_bon_kl(scores, n) == pytest.approx(float(ex.bon_kl(n)), rel=0.02, abs=0.002)
-    assert ex.bon_n_for_kl(float(ex.bon_kl(n))) == pytest.approx(n, rel=1e-6)
+    assert empirical_bon_kl(scores, n) == pytest.approx(float(bon_kl(n)), rel=0.02, abs=0.002)
+    assert bon_n_for_kl(float(bon_kl(n))) == pytest.approx(n, rel=1e-6)
 
 
 def test_best_of_k_pick_probabilities_match_simulation():
     rng = np.random.default_rng(0)
     pool = rng.integers(0, 4, size=(1, 9)).astype(float)  # ties on purpose
     k = 3
-    probs = ex.bon_pick_probs(pool, k)[0]
+    probs = bon_pick_probs(pool, k)[0]
     draws = rng.integers(0, 9, size=(200000, k))
     values = pool[0][draws]
     # ties broken uniformly: among the drawn items with the max value, pick one at random
@@ -212,22 +221,36 @@ def test_sampled_responses_always_end_with_one_eos():
 
 def test_monitor_is_recorded_and_does_not_change_the_run(lab):
     out, results = lab
-    rec = next(ex.read_json(os.path.join(out, "world0", "runs", n)) for n in sorted(os.listdir(os.path.join(out, "world0", "runs")))
+    rec = next(read_json(os.path.join(out, "world0", "runs", n)) for n in sorted(os.listdir(os.path.join(out, "world0", "runs")))
                if "single-helpful-raw" in n)
     mon, h = rec["monitor"], rec["history"]
-    assert mon["window"] == 5 and mon["patience"] == 3 and mon["noise_sd"] == ex.MONITOR_NOISE
+    assert mon["window"] == 5 and mon["patience"] == 3 and mon["noise_sd"] == MONITOR_NOISE
     assert all(math.isfinite(x[k]) for x in h for k in ("gold/helpful", "monitor/signal/evaluator", "monitor/signal/proxy"))
     assert h[0]["monitor/signal/evaluator"] == 0.0 == h[0]["monitor/signal/proxy"]  # gains from the first step
     assert "monitor" in results and "## Over-optimisation monitor" in open(os.path.join(out, "report.md")).read()
     # the same run without the monitor: its noise and gold scoring draw nothing from PPO's generators
-    lab_, sft, rms, refs, pools, _ = ex._load(out, CFG, 0)
+    lab_, sft, rms, refs, pools, _ = load_world(out, CFG, 0)
     run = rec["run"]
-    pipe = ex.ppo.RewardPipeline([rms[p] for p in run["properties"]], run["properties"], [{}] * refs["train_prompts"],
+    pipe = ppo.RewardPipeline([rms[p] for p in run["properties"]], run["properties"], [{}] * refs["train_prompts"],
                                  run["transform"], run["aggregate"], run["weights"])
-    pcfg = ex.ppo.PPOConfig(**{k: (tuple(v) if k == "kl_targets" else v) for k, v in rec["ppo"].items()})
-    plain = ex.ppo.train(sft, ex.lab_prompt_ids(lab_), pipe, pcfg, seed=1000 + run["seed"], progress=False).history
+    pcfg = ppo.PPOConfig(**{k: (tuple(v) if k == "kl_targets" else v) for k, v in rec["ppo"].items()})
+    plain = ppo.train(sft, lab_prompt_ids(lab_), pipe, pcfg, seed=1000 + run["seed"], progress=False).history
     assert [x["utility"] for x in plain] == [x["utility"] for x in h]
     assert [x["kl"] for x in plain] == [x["kl"] for x in h]
+
+
+def test_a_process_keeps_the_models_of_one_world_only(lab, tmp_path):
+    """The driver loads every world in turn (check, tuning, analysis): the previous world's models must go."""
+    out, _ = lab
+    os.symlink(os.path.join(out, "world0"), tmp_path / "world0")  # a second world on disk without building one
+    first = load_world(out, CFG, 0)
+    sft = weakref.ref(first[1])
+    second = load_world(str(tmp_path), CFG, 0)
+    assert second[1] is not first[1]
+    del first
+    gc.collect()
+    assert sft() is None, "the first world's SFT policy is still held"
+    assert load_world(str(tmp_path), CFG, 0) is second  # the world in use stays loaded
 
 
 def _history(gold, kl):
@@ -245,7 +268,7 @@ def test_monitor_summary_reads_peak_stop_and_gold_lost_by_hand():
                (0, "c"): {"run": dict(run, split="val"), "history": _history(gold, kl), "monitor": mon},
                (0, "d"): {"run": run, "history": _history(gold, kl)}}  # a run made before the monitor existed
     # moving averages (window 2) in SFT sd units: gold [0.5, 1.5, 2.5, 3.5, 3.5, 2.5, 1.5, 0.5, 0], kl [0.5 ... 8.5]
-    got = ex.monitor_summary(records)
+    got = monitor_summary(records)
     assert list(got) == ["single helpful raw"]
     assert got["single helpful raw"] == {
         "runs": 2, "fired": 1, "fired_after_peak": 1,
@@ -257,16 +280,16 @@ def test_monitor_summary_reads_peak_stop_and_gold_lost_by_hand():
 
 def test_best_of_k_goes_through_rerank_and_tunes_the_weight_on_validation(lab):
     out, _ = lab
-    lab_, _, _, refs, pools, thr = ex._load(out, CFG, 0)
-    bok = ex.best_of_k(lab_, pools, refs, [1, pools["bon_proxy_helpful"].shape[1]], [0.2, 0.8], thr)
-    win = ex.wins(pools["bon_gold_helpful"], pools["bon_gold_harmless"], thr)["win_both"]
+    lab_, _, _, refs, pools, thr = load_world(out, CFG, 0)
+    bok = best_of_k(lab_, pools, refs, [1, pools["bon_proxy_helpful"].shape[1]], [0.2, 0.8], thr)
+    win = wins(pools["bon_gold_helpful"], pools["bon_gold_harmless"], thr)["win_both"]
     n_val = len(lab_.val_prompts)
     # k = 1 keeps a uniformly random candidate whatever the utility: every method scores the pool's mean win
     for m in bok["methods"].values():
         np.testing.assert_allclose(np.concatenate([m["val"][0], m["test"][0]]), win.mean(1), atol=1e-12)
     # k = pool size with replacement is not the argmax, but its limit orders like it: raw helpful alone, by hand
     proxy = pools["bon_proxy_helpful"]
-    probs = ex.bon_pick_probs(proxy, proxy.shape[1])
+    probs = bon_pick_probs(proxy, proxy.shape[1])
     np.testing.assert_allclose(bok["methods"]["raw helpful"]["test"][1], (probs * win).sum(1)[n_val:], atol=1e-12)
     # the summary takes, per k, the weight with the better validation mean and compares it on the test prompts
     fake = {"k": [1, 2], "kl_formula": [0.0, 0.19], "methods": {
@@ -274,7 +297,7 @@ def test_best_of_k_goes_through_rerank_and_tunes_the_weight_on_validation(lab):
         "weighted w=0.2": {"val": np.array([[0.5, 0.5], [0.9, 0.9]]), "test": np.array([[0.5, 0.5], [0.1, 0.1]])},
         "weighted w=0.8": {"val": np.array([[0.5, 0.5], [0.1, 0.1]]), "test": np.array([[0.5, 0.5], [0.9, 0.9]])},
         "raw helpful": {"val": np.zeros((2, 2)), "test": np.array([[0.5, 0.5], [0.8, 0.8]])}}}
-    s = ex.best_of_k_summary([fake], [0.2, 0.8], 200)
+    s = best_of_k_summary([fake], [0.2, 0.8], 200)
     assert s["methods"]["lsc AND"]["win_both"] == pytest.approx([0.5, 0.8])
     tuned = s["diffs"]["lsc AND - weighted (weight tuned on val)"]
     assert tuned[1]["mean"] == pytest.approx(0.7) and tuned[0] == {"mean": 0.0, "lo": 0.0, "hi": 0.0}

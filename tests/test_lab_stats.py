@@ -7,8 +7,11 @@ import random
 import numpy as np
 import pytest
 
-from openrlhf_lsc.lab import experiments as ex
 from openrlhf_lsc.lab import ppo, stats, world
+from openrlhf_lsc.lab.config import PRESETS
+from openrlhf_lsc.lab.evaluation import matched
+from openrlhf_lsc.lab.run_specs import and_set, label_sets, paper_rule, single_method
+from openrlhf_lsc.lab.world_setup import Lab
 
 
 # ---------------------------------------------------------------- matched KL
@@ -38,10 +41,10 @@ def test_at_kl_sorts_stairs_and_does_not_extrapolate():
 def test_matched_reads_a_run_record_with_the_sft_point_first():
     record = {"stairs": [{"kl": 2.0, "per_prompt": {"m": [1.0, 0.0]}}, {"kl": 4.0, "per_prompt": {"m": [0.0, 1.0]}}]}
     sft = {"m": np.array([0.5, 0.5])}
-    got = ex.matched(record, sft, "m", [1.0, 3.0, 4.0, 9.0])
+    got = matched(record, sft, "m", [1.0, 3.0, 4.0, 9.0])
     np.testing.assert_allclose(got[:3], [[0.75, 0.25], [0.5, 0.5], [0.0, 1.0]])
     assert np.isnan(got[3]).all()
-    np.testing.assert_allclose(ex.matched(record, sft, "m", [3.0], columns=np.array([1])), [[0.5]])
+    np.testing.assert_allclose(matched(record, sft, "m", [3.0], columns=np.array([1])), [[0.5]])
 
 
 # ---------------------------------------------------------------- bootstrap
@@ -144,7 +147,7 @@ def test_kl_controller_update_is_the_documented_pi_rule():
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_validation_and_test_prompts_are_disjoint(tmp_path, seed):
-    lab = ex.Lab(str(tmp_path), ex.PRESETS["quick"], seed)
+    lab = Lab(str(tmp_path), PRESETS["quick"], seed)
     val, test, train = ({p.text for p in ps} for ps in (lab.val_prompts, lab.test_prompts, lab.train_prompts))
     assert val and test and not (val & test) and not ((val | test) & train)
     assert len(val) + len(test) + len(train) == len(world.make_prompts(seed)) == 448
@@ -153,18 +156,18 @@ def test_validation_and_test_prompts_are_disjoint(tmp_path, seed):
 
 
 def test_paper_rule_and_reference_sets():
-    assert ex.paper_rule(0.6) == (0.75, 0.5) and ex.paper_rule(0.3) == (0.5, 0.75) and ex.paper_rule(0.5) == (0.5, 0.5)
-    sets = ex.label_sets(ex.PRESETS["full"])
-    for qh, qs in ex.PRESETS["full"].and_refs:
-        assert sets[ex.and_set(qh, qs)] == {"helpful": ("q", qh), "harmless": ("q", qs)}
+    assert paper_rule(0.6) == (0.75, 0.5) and paper_rule(0.3) == (0.5, 0.75) and paper_rule(0.5) == (0.5, 0.5)
+    sets = label_sets(PRESETS["full"])
+    for qh, qs in PRESETS["full"].and_refs:
+        assert sets[and_set(qh, qs)] == {"helpful": ("q", qh), "harmless": ("q", qs)}
     assert sets["canned"]["harmless"] == ("canned",)
-    assert ex.single_method("lsc@canned") == ("lsc", "canned") and ex.single_method("raw") == ("raw", None)
-    assert ex.single_method("sigmoid") == ("sigmoid", "q85")
-    full = ex.PRESETS["full"]
+    assert single_method("lsc@canned") == ("lsc", "canned") and single_method("raw") == ("raw", None)
+    assert single_method("sigmoid") == ("sigmoid", "q85")
+    full = PRESETS["full"]
     assert len(full.seeds) >= 5 and len(full.ppo_seeds) >= 3 and len(full.weights) == len(full.and_refs)
     assert not set(full.val_seeds) & set(full.ppo_seeds)
     assert max(full.compare_kls) >= 3 * 2.0  # at least 3x the KL where raw peaks in the lab's worlds (about 2)
-    for cfg in ex.PRESETS.values():  # the largest comparison KL lies inside the staircase, so stairs bracket it
+    for cfg in PRESETS.values():  # the largest comparison KL lies inside the staircase, so stairs bracket it
         assert max(cfg.compare_kls) < max(cfg.kl_targets) and min(cfg.compare_kls) > 0
 
 

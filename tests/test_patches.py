@@ -478,7 +478,8 @@ def test_patched_openrlhf_lsc_uses_the_reward_hook(clean_hooks, patched):
         data=SimpleNamespace(label_key=None),
         algo=SimpleNamespace(advantage=SimpleNamespace(estimator="reinforce", gamma=1.0, lambd=1.0, no_std_norm=True)),
         lsc=SimpleNamespace(spec=RewardSpec(names=("a", "b"), transform="lsc", reference="constant",
-                                             reference_value=(0.5, -0.5)), extra_logs=False, dump_rewards=None),
+                                             reference_value=(0.5, -0.5)), extra_logs=False, dump_rewards=None,
+                            scale=None),
     ))
     exps = [_experiences(Experience, raw[index].clone(), index) for index in ([0, 3], [2, 1])]
     for e in exps:

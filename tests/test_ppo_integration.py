@@ -33,7 +33,7 @@ def openrlhf_modules():
 
 
 def lsc_config(dump=None, extra_logs=False, **spec):
-    return SimpleNamespace(spec=RewardSpec(**spec), extra_logs=extra_logs, dump_rewards=dump,
+    return SimpleNamespace(spec=RewardSpec(**spec), extra_logs=extra_logs, dump_rewards=dump, scale=None,
                            rehearsal=SimpleNamespace(dataset=None))
 
 
@@ -309,6 +309,41 @@ def test_a_failed_reward_model_load_leaves_no_stub(openrlhf_modules):
     assert calls == ["A", "B"] and "_setup_distributed" not in actor.__dict__ and not hasattr(actor, "lsc_models")
 
 
+def test_scale_match_leaves_raw_bit_identical_and_fixes_the_factor_on_the_first_batch(openrlhf_modules):
+    """--lsc.scale match: the utility times std(raw) / std(utility) of the run's first batch, that factor kept after;
+    with the raw transform the factor is exactly 1 and every tensor is bit-identical to a run without it."""
+    em, Experience = openrlhf_modules
+    g = torch.Generator().manual_seed(5)
+    first, second = torch.randn(8, generator=g) * 3, torch.randn(8, generator=g) * 3
+    order, split = [3, 0, 6, 1, 7, 2, 5, 4], [4, 4]
+
+    def step(rewards, **lsc):
+        cfg = lsc_config(names=("rm",), **lsc["spec"])
+        cfg.scale = lsc.get("scale")
+        maker = make_maker(em, "rloo", 2, clip=(-10, 10), lsc=cfg)
+        return cfg, maker, maker.compute_advantages_and_returns(experiences(Experience, rewards, [""] * 8, order, split,
+                                                                            n=2))
+
+    _, _, plain = step(first, spec={})
+    _, _, matched = step(first, spec={}, scale="match")
+    for a, b in zip(plain, matched):
+        assert torch.equal(a.advantages, b.advantages) and torch.equal(a.rewards, b.rewards) and b.info["lsc/scale"][0] == 1
+    lsc_spec = dict(transform="lsc", reference="constant", reference_value=(0.5,))
+    cfg, maker, out = step(first, spec=lsc_spec, scale="match")
+    u = lsc_np(first.double().numpy(), 0.5)
+    factor = first.numpy().std(ddof=1) / u.std(ddof=1)
+    got = np.array([v for e in out for v in e.info["lsc/utility"]])
+    np.testing.assert_allclose(got, (u * factor)[order], rtol=1e-5)
+    assert out[0].info["lsc/scale"][0] == pytest.approx(factor, rel=1e-5)
+    assert out[0].info["lsc/reward_std"][0] == pytest.approx(first.numpy().std(ddof=1), rel=1e-5)
+    assert out[0].info["lsc/utility_std"][0] == pytest.approx(first.numpy().std(ddof=1), rel=1e-4)  # matched
+    again = maker.compute_advantages_and_returns(experiences(Experience, second, [""] * 8, order, split, n=2))
+    np.testing.assert_allclose([v for e in again for v in e.info["lsc/utility"]],
+                               (lsc_np(second.double().numpy(), 0.5) * factor)[order], rtol=1e-5)  # the first factor
+    with pytest.raises(ValueError, match="--lsc.scale match: the first batch's utilities are all equal"):
+        step(torch.zeros(8), spec=lsc_spec, scale="match")
+
+
 def test_what_the_plugin_adds_ships_at_the_size_of_its_micro_batch(openrlhf_modules):
     """Ray pickles every experience for the actors, and a tensor view pickles its whole storage: the plugin's share of
     a pickled micro-batch must not grow with the rollout batch."""
@@ -467,7 +502,7 @@ maker.advantage_estimator, maker.kl_ctl = "reinforce", SimpleNamespace(value=0.0
 maker.strategy = SimpleNamespace(args=SimpleNamespace(
     rollout=SimpleNamespace(n_samples_per_prompt=1), reward=SimpleNamespace(clip_range=None),
     algo=SimpleNamespace(advantage=SimpleNamespace(estimator="reinforce", gamma=1.0, lambd=1.0, no_std_norm=False)),
-    lsc=SimpleNamespace(spec=RewardSpec(names=("rm",)), extra_logs=False, dump_rewards=sys.argv[2])))
+    lsc=SimpleNamespace(spec=RewardSpec(names=("rm",)), extra_logs=False, dump_rewards=sys.argv[2], scale=None)))
 
 class Stop(Exception):
     pass

@@ -55,7 +55,7 @@ def make_maker(env, monitor=None, out=None):
         actor=SimpleNamespace(model_name_or_path=str(env.root / "policy")),
         data=SimpleNamespace(disable_fast_tokenizer=False),
         ckpt=SimpleNamespace(output_dir=str(out or env.root / "out"), save_steps=float("inf")),
-        lsc=SimpleNamespace(spec=spec, extra_logs=False, dump_rewards=None, monitor=monitor),
+        lsc=SimpleNamespace(spec=spec, extra_logs=False, dump_rewards=None, monitor=monitor, scale=None),
     )
     maker.strategy = SimpleNamespace(args=args)
     return maker

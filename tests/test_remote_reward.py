@@ -135,7 +135,7 @@ def test_named_rewards_flow_from_the_reward_func_through_openrlhf_into_the_plugi
         rollout=SimpleNamespace(n_samples_per_prompt=n), reward=SimpleNamespace(clip_range=None),
         algo=SimpleNamespace(advantage=SimpleNamespace(estimator="reinforce", gamma=1.0, lambd=1.0, no_std_norm=True)),
         lsc=SimpleNamespace(spec=RewardSpec(names=("helpful", "harmless"), transform="lsc", reference="group",
-                                            quantile=0.5), extra_logs=True, dump_rewards=None)))
+                                            quantile=0.5), extra_logs=True, dump_rewards=None, scale=None)))
     out = maker.compute_advantages_and_returns(experiences)
 
     queries = [tokenizer.decode(tokenizer(prompts[i // n], add_special_tokens=False)["input_ids"] + c,

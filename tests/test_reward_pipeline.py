@@ -175,9 +175,9 @@ REFERENCES = [("none", {}), ("label", {"label_key": "ref"}), ("group", {"quantil
 
 
 @pytest.mark.parametrize("reference, extra, transform", [(r, e, t) for r, e in REFERENCES
-                                                         for t in ("raw", "lsc", "center", "sigmoid")
-                                                         if r != "none" or t == "raw"])
-@pytest.mark.parametrize("aggregate, weights", [("and", None), ("weighted", (0.3, 0.7))])
+                                                         for t in ("raw", "lsc", "center", "sigmoid", "par")
+                                                         if (r != "none" or t == "raw") and (r, t) != ("group", "par")])
+@pytest.mark.parametrize("aggregate, weights", [("and", None), ("weighted", (0.3, 0.7)), ("gdpo", None)])
 def test_every_tensor_follows_the_rewards_device(reference, extra, transform, aggregate, weights):
     """Every tensor the pipeline creates takes the rewards' device (a CPU reference met CUDA rewards on the GPU):
     under the device trap a tensor built on the default device is a meta tensor and fails where CUDA would."""
@@ -186,17 +186,18 @@ def test_every_tensor_follows_the_rewards_device(reference, extra, transform, ag
     spec = RewardSpec(names=("a", "b"), transform=transform, aggregate=aggregate, weights=weights,
                       reference=reference, **extra)
     rewards = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(torch.bfloat16)
-    labels = [{"a": {"reference": 0.1 * (i // 4)}, "b": {"reference": -0.2}} for i in range(8)]
+    labels = [{"a": {"reference": 0.1 * (i // 4), "par_scores": [0.1 * j for j in range(10)]},
+               "b": {"reference": -0.2, "par_scores": [-0.2] * 10}} for i in range(8)]
     labels = labels if reference == "label" else None
     expected, expected_metrics = reward_utilities(rewards, spec, labels, group_size=4)
-    expected_u = aggregate_rewards(rewards.float(), torch.tensor([0.5, -1.0]), "lsc", aggregate, weights)
+    expected_u = aggregate_rewards(rewards.float(), torch.tensor([0.5, -1.0]), "lsc", aggregate, weights, group_size=4)
     expected_t = transform_reward(rewards[:, 0], torch.full((8,), 0.5), "lsc")
     with device_trap():
         utility, metrics = reward_utilities(rewards, spec, labels, group_size=4)
         torch.testing.assert_close(utility, expected, rtol=0, atol=0)
         for key, value in expected_metrics.items():
             torch.testing.assert_close(metrics[key], value, rtol=0, atol=0)
-        u = aggregate_rewards(rewards.float(), [0.5, -1.0], "lsc", aggregate, weights)  # [K] constants as a list
+        u = aggregate_rewards(rewards.float(), [0.5, -1.0], "lsc", aggregate, weights, 4)  # [K] constants as a list
         torch.testing.assert_close(u, expected_u, rtol=0, atol=0)
         torch.testing.assert_close(transform_reward(rewards[:, 0], 0.5, "lsc"), expected_t, rtol=0, atol=0)
         refs = references_from_labels([{"a": {"reference": 1.5}}], ["a"], "ref", device=rewards.device)
@@ -215,3 +216,96 @@ def test_the_device_trap_catches_a_tensor_on_the_default_device():
             (r + torch.tensor([1.0, 2.0, 3.0])).tolist()
         with pytest.raises((RuntimeError, NotImplementedError)):
             torch.zeros(3).to(r.device)
+
+
+def test_par_against_hand_computation_and_its_formula():
+    """PAR (Fu et al. 2025, k = 1): u = (1/M) sum_m sigmoid(r - r_ref,m). sigmoid(x) + sigmoid(-x) = 1 makes a reward
+    at the median of symmetric references worth exactly 1/2; worked values against the formula in numpy."""
+    refs = torch.tensor([[0.0, 1.0, 2.0]], dtype=torch.float64)
+    assert transform_reward(torch.tensor([1.0], dtype=torch.float64), refs, "par").item() == pytest.approx(0.5, abs=1e-15)
+    r = torch.tensor([3.0, -1.0, 1.7], dtype=torch.float64)
+    m_refs = torch.tensor([[0.0, 1.0, 2.0], [0.5, 0.5, 0.5], [-3.0, 1.7, 9.0]], dtype=torch.float64)
+    expected = (1 / (1 + np.exp(-(r.numpy()[:, None] - m_refs.numpy())))).mean(1)
+    np.testing.assert_allclose(transform_reward(r, m_refs, "par").numpy(), expected, rtol=1e-14)
+    assert transform_reward(r[:1], m_refs[:1], "par").item() == pytest.approx((0.952574 + 0.880797 + 0.731059) / 3, abs=1e-6)
+    # one reference: PAR is the sigmoid transform
+    torch.testing.assert_close(transform_reward(r, m_refs[:, :1], "par"), transform_reward(r, m_refs[:, 0], "sigmoid"))
+    torch.testing.assert_close(transform_reward(r, m_refs[:, 0], "par"), transform_reward(r, m_refs[:, 0], "sigmoid"))
+
+
+def test_par_from_labels_through_the_pipeline():
+    """`reference="label"` with par reads the first M of each label's par_scores; the margin is to their mean and
+    above_ref the fraction of them the reward beats."""
+    scores = {"a": [0.0, 1.0, 2.0, 100.0], "b": [-1.0, 0.0, 1.0, 2.0]}
+    labels = [{name: {"reference": 0.0, "par_scores": s} for name, s in scores.items()}] * 2
+    spec = RewardSpec(names=("a", "b"), transform="par", reference="label", label_key="ref", par_m=3)
+    r = np.array([[1.5, 0.0], [3.0, -2.0]])
+    u, m = reward_utilities(torch.tensor(r), spec, labels, group_size=2)
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    per = [sig(r[:, j, None] - np.array(scores[n][:3])).mean(1) for j, n in enumerate("ab")]
+    np.testing.assert_allclose(u.numpy(), per[0] + per[1], rtol=1e-6)
+    np.testing.assert_allclose(m["lsc/a/margin"].numpy(), r[:, 0] - 1.0, rtol=1e-6)
+    assert m["lsc/a/above_ref"].tolist() == pytest.approx([2 / 3, 1.0]) and m["lsc/b/above_ref"].tolist() == [1 / 3, 0.0]
+    assert RewardSpec(names=("a",), transform="par", reference="label").par_m == 10  # PAR's default M
+
+
+@pytest.mark.parametrize("label, message", [
+    ({"a": {"reference": 0.0}}, r"^prompt 0: field 'ref' has no 3 finite PAR reference scores for reward model 'a' .*"
+                                r"got None\)$"),
+    ({"a": {"par_scores": [1.0, 2.0]}}, r"at least 3 numbers, from estimate_reference --ref.par_m 3; got 2 scores\)$"),
+    ({"a": {"par_scores": [1.0, float("nan"), 2.0]}}, "no 3 finite PAR reference scores"),
+    ({"a": {"par_scores": [1.0, True, 2.0]}}, "no 3 finite PAR reference scores"),
+])
+def test_par_labels_with_too_few_scores_are_refused_naming_the_prompt(label, message):
+    spec = RewardSpec(names=("a",), transform="par", reference="label", label_key="ref", par_m=3)
+    with pytest.raises(ValueError, match=message):
+        reward_utilities(torch.zeros(1, 1), spec, [label])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(names=("a",), transform="par", reference="group"), "par compares each response with M SFT reference"),
+    (dict(names=("a",), transform="lsc", reference="label", par_m=3), "--lsc.par_m is only used with --lsc.transform par"),
+    (dict(names=("a",), transform="par", reference="label", par_m=0), "--lsc.par_m must be an integer >= 1"),
+    (dict(names=("a",), transform="par", reference="constant", reference_value=(1.0,), par_m=2), "--lsc.par_m is only"),
+])
+def test_par_settings_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RewardSpec(**kwargs)
+
+
+def test_gdpo_against_numpy_as_trl_normalize_then_sum():
+    """GDPO: each reward z-scored within its prompt's group (unbiased std + 1e-4, as TRL's normalize_then_sum), then
+    the (weighted) sum; numpy, 3 prompts x 4 samples x 2 rewards, raw and after the LSC transform."""
+    g = np.random.default_rng(3)
+    r = g.normal(0, 2, size=(12, 2))
+    refs = np.array([0.3, -0.4])
+
+    def gdpo(u, w):
+        grouped = u.reshape(3, 4, 2)
+        z = (grouped - grouped.mean(1, keepdims=True)) / (grouped.std(1, ddof=1, keepdims=True) + 1e-4)
+        return (z.reshape(12, 2) * w).sum(1)
+
+    raw = RewardSpec(names=("a", "b"), aggregate="gdpo")
+    np.testing.assert_allclose(reward_utilities(torch.tensor(r), raw, group_size=4)[0].numpy(), gdpo(r, 1.0), rtol=1e-10)
+    lsc = RewardSpec(names=("a", "b"), transform="lsc", aggregate="gdpo", weights=(2.0, 0.5), reference="constant",
+                     reference_value=tuple(refs))
+    u = reward_utilities(torch.tensor(r), lsc, group_size=4)[0].numpy()
+    np.testing.assert_allclose(u, gdpo(log_sigmoid(r - refs), np.array([2.0, 0.5])), rtol=1e-9)
+    with pytest.raises(ValueError, match="gdpo normalises each reward within its prompt's samples: needs groups of >= 2"):
+        reward_utilities(torch.tensor(r), raw, group_size=1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.floats(-5, 5), st.floats(0.1, 10))
+def test_gdpo_ignores_a_per_prompt_shift_and_a_positive_scale_of_a_reward(seed, shift, scale):
+    """What GDPO is for: one reward's offset or scale within a prompt cannot dominate the sum. Exactly so but for the
+    1e-4 added to the std: a scale c changes a z-score by (x - mean) * 1e-4 * (c - 1) / ((c s + 1e-4)(s + 1e-4))."""
+    r = torch.tensor(np.random.default_rng(seed).normal(0, 1, size=(8, 2)))
+    spec = RewardSpec(names=("a", "b"), aggregate="gdpo")
+    moved = r.clone()
+    moved[:4, 0] = moved[:4, 0] * scale + shift
+    diff = (reward_utilities(moved, spec, group_size=4)[0] - reward_utilities(r, spec, group_size=4)[0]).abs()
+    x = r[:4, 0].numpy()
+    s = x.std(ddof=1)
+    bound = np.abs(x - x.mean()) * 1e-4 * abs(scale - 1) / ((scale * s + 1e-4) * (s + 1e-4))
+    assert (diff[:4].numpy() <= bound + 1e-9).all() and (diff[4:] <= 1e-12).all(), (diff, bound)

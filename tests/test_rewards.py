@@ -171,7 +171,7 @@ def test_check_finite_names_the_first_bad_index():
          r"^--lsc.aggregate weighted needs --lsc.weights, one per reward model: 2 models, none weights$"),
         (lambda: aggregate_rewards(torch.zeros(2, 2), None, "raw", "weighted", [1.0, 2.0, 3.0]), r"2 models, 3 weights$"),
         (lambda: aggregate_rewards(torch.zeros(2, 2), None, "raw", "and", [1.0, 1.0]),
-         r"^--lsc.weights is only for --lsc.aggregate weighted; AND-aggregation has no weights$"),
+         r"^--lsc.weights is only for --lsc.aggregate weighted or gdpo; AND-aggregation has no weights$"),
         (lambda: aggregate_rewards(torch.zeros(3, 2), torch.zeros(3), "lsc"),
          r"^got 2 reward models but references of shape \(3,\): expected \(3, 2\) or \(2,\)"),
         (lambda: aggregate_rewards(torch.zeros(4), None, "raw"), r"^rewards must be \[B, K\] with K >= 1 reward models"),
@@ -180,9 +180,9 @@ def test_check_finite_names_the_first_bad_index():
          r"^transform 'center' needs a reference value r_ref\(x\) \(--lsc.reference\)$"),
         (lambda: transform_reward(torch.zeros(2), None, "sigmoid"), r"^transform 'sigmoid' needs a reference"),
         (lambda: transform_reward(torch.zeros(2), None, "tanh"),
-         r"^unknown transform 'tanh' \(--lsc.transform\): expected one of raw, lsc, center, logsigmoid, sigmoid$"),
+         r"^unknown transform 'tanh' \(--lsc.transform\): expected one of raw, lsc, center, logsigmoid, sigmoid, par$"),
         (lambda: aggregate_rewards(torch.zeros(2, 2), None, "raw", "or"),
-         r"^unknown aggregate 'or' \(--lsc.aggregate\): expected one of and, weighted$"),
+         r"^unknown aggregate 'or' \(--lsc.aggregate\): expected one of and, weighted, gdpo$"),
     ],
 )
 def test_refusals_word_for_word(call, message):
@@ -272,7 +272,7 @@ def test_spec_defaults_and_normalised_fields():
          r"^--lsc.weights needs 2 values, one per reward model, got 3$"),
         (dict(names=("a",), transform="lsc", reference="label", label_key=None), r"--data.label_key"),
         (dict(names=("a",), transform="tanh"), r"^unknown --lsc.transform 'tanh': expected one of raw, lsc, center"),
-        (dict(names=("a",), aggregate="or"), r"^unknown --lsc.aggregate 'or': expected one of and, weighted$"),
+        (dict(names=("a",), aggregate="or"), r"^unknown --lsc.aggregate 'or': expected one of and, weighted, gdpo$"),
         (dict(names=("a",), reference="sft"), r"^unknown --lsc.reference 'sft': expected one of none, label, group, constant$"),
     ],
 )

@@ -1,7 +1,7 @@
-"""What every CLI shares: one-line errors, negative numbers as flag values, and, for the offline tools
-(`estimate_reference`, `rerank`, `select_rehearsal`), their parser, flag types that check values where they are
-parsed, checks of paths before anything loads, and resumable run folders with atomic output sets.
-Standard library only (plus safetensors/torch, imported only to read a checkpoint's tensor names).
+"""What every CLI shares: one-line errors, negative numbers as flag values, flag types that check values where they
+are parsed, the `--lsc.*` flags of a `RewardSpec` (train_ppo_ray and rerank), and, for the offline tools
+(`estimate_reference`, `rerank`, `select_rehearsal`), their parser, checks of paths before anything loads and atomic
+output sets. Imports nothing heavy at parse time (torch only through the reward constants).
 
 User errors print `<tool>: error: <what>` and exit 2, as argparse does; `--debug` shows the traceback.
 """
@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
+from openrlhf_lsc.rewards import AGGREGATES, REFERENCES, TRANSFORMS, RewardSpec
 from openrlhf_lsc.serve_rm import RewardServerError
 
 USER_ERRORS = (ValueError, RewardServerError)
@@ -145,6 +146,39 @@ def listed(kind: Callable[[str], object], what: str = "values") -> Callable[[str
         return out
 
     return parse
+
+
+def add_reward_flags(a: Callable, transform: str, reference: str, group: str) -> None:
+    """The `--lsc.*` flags of a `RewardSpec` (`a`: a parser's add_argument), one definition for train_ppo_ray and
+    rerank; `transform`, `reference`: their defaults; `group`: what a group reference takes its quantile over."""
+    a("--lsc.transform", choices=TRANSFORMS, default=transform,
+      help="per reward: raw r; lsc log sigmoid(r - r_ref(x)); center r - r_ref(x); logsigmoid log sigmoid(r); "
+      "sigmoid sigmoid(r - r_ref(x)); par: mean of sigmoid(r - r_ref,m) over --lsc.par_m SFT reference scores (PAR)")
+    a("--lsc.aggregate", choices=AGGREGATES, default="and",
+      help="and: sum of the K utilities (logical AND with lsc); weighted: sum_k w_k u_k; gdpo: each utility "
+      "z-scored within its prompt's samples, then summed (--lsc.weights optional)")
+    a("--lsc.weights", type=listed(number(), "weights"), default=None,
+      help="K comma-separated weights for --lsc.aggregate weighted (or gdpo)")
+    a("--lsc.reference", choices=REFERENCES, default=reference,
+      help="r_ref(x): label = per prompt from the --data.label_key field (schema: openrlhf_lsc.references, written by "
+      f"estimate_reference); group = the --lsc.quantile of {group} (moving, not the paper's SFT reference); "
+      "constant = --lsc.reference_value")
+    a("--lsc.quantile", type=number(), default=None,
+      help="quantile in (0, 1) for --lsc.reference group; unset there: 0.5, the median")
+    a("--lsc.reference_value", type=listed(number(), "values"), default=None,
+      help="K comma-separated constants for --lsc.reference constant")
+    a("--lsc.par_m", type=integer(1), default=None,
+      help="M, the SFT reference scores per prompt of --lsc.transform par with --lsc.reference label (read from each "
+      "label's par_scores, written by estimate_reference --ref.par_m); unset there: 10")
+
+
+def reward_spec(names: Sequence[str], lsc, label_key: str) -> RewardSpec:
+    """The `RewardSpec` of the `add_reward_flags` values in `lsc` (a namespace or dict); raises ValueError naming
+    the flag."""
+    v = lsc if isinstance(lsc, dict) else vars(lsc)
+    return RewardSpec(names=tuple(names), transform=v["transform"], aggregate=v["aggregate"], weights=v["weights"],
+                      reference=v["reference"], quantile=v["quantile"], reference_value=v["reference_value"],
+                      label_key=label_key, par_m=v["par_m"])
 
 
 def _interval(low, high, low_open, high_open) -> str:

@@ -61,6 +61,9 @@ def build_parser() -> Parser:
     a("--ref.k", type=integer(2), default=64, help="sampled responses per prompt (paper: 64)")
     a("--ref.quantiles", type=listed(number(0, 1, True, True), "levels"), default=[],
       help="extra quantile levels in (0, 1) to record")
+    a("--ref.par_m", type=integer(0), default=0,
+      help="also record M of each prompt's sampled scores in its label (par_scores), the references of PPO's "
+      "--lsc.transform par (PAR: M = 10); 0: none")
     a("--ref.canned", default=None, help="JSON list or UTF-8 text file (one per line) of canned responses "
       "(None: variants of \"I can't answer that.\"); the policy's EOS token is appended")
     a("--learned.num_prompts", type=integer(2), default=None,
@@ -103,7 +106,7 @@ def check_args(args) -> SimpleNamespace:
     names = pipeline.rm_names(args.rm.paths, args.rm.names)
     methods = estimate.per_rm(args.ref.method, names, "--ref.method")
     qs = estimate.per_rm(args.ref.q, names, "--ref.q")
-    levels = estimate.check_settings(methods, qs, args.ref.k, args.ref.quantiles)
+    levels = estimate.check_settings(methods, qs, args.ref.k, args.ref.quantiles, args.ref.par_m)
     sampling = [n for n in names if methods[n] != "canned"]
     direct = [n for n in names if methods[n] in ("quantile", "gaussian")]
     if args.learned.num_prompts is not None and (direct or "learned" not in methods.values()):
@@ -181,7 +184,7 @@ def run(args, checked: SimpleNamespace) -> Dict[str, Any]:
             redo = {n for i in idx if i in old for n, e in old[i]["rms"].items() if e.get("retry")}
             fns = {n: fn for n, fn in reward_fns.items() if not old or n in redo}
             records = estimate.score_prompts([prompts[i] for i in idx], sampler, fns, methods, args.ref.k, levels,
-                                             canned, [sampled[i] for i in idx])
+                                             canned, [sampled[i] for i in idx], args.ref.par_m)
             for i, r in zip(idx, records):
                 kept = {n: e for n, e in old[i]["rms"].items() if not e.get("retry")} if i in old else {}
                 old[i] = {"index": i, "id": ids[i], "rms": {**r, **kept}, "attempt": attempt}

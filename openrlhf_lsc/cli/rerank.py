@@ -28,12 +28,14 @@ import torch
 from tqdm import tqdm
 
 from openrlhf_lsc.cli import pipeline
-from openrlhf_lsc.cli.common import Parser, check_output_dir, guard, integer, listed, number, publish
+from openrlhf_lsc.cli.common import (
+    Parser, add_reward_flags, check_output_dir, guard, integer, listed, publish, reward_spec,
+)
 from openrlhf_lsc.estimate import sample_and_score
 from openrlhf_lsc.files import write_atomic
 from openrlhf_lsc.references import references_from_labels
 from openrlhf_lsc.rerank import rerank
-from openrlhf_lsc.rewards import AGGREGATES, REFERENCES, TRANSFORMS, RewardSpec
+from openrlhf_lsc.rewards import RewardSpec
 
 TOOL = "rerank"
 
@@ -60,14 +62,7 @@ def build_parser() -> Parser:
     a("--ds.param_dtype", default="bf16", choices=["bf16", "fp16"], help="dtype of local models")
     a("--ds.attn_implementation", default="sdpa", help="attention of local models (eager, sdpa, flash_attention_2)")
     a("--ds.value_head_prefix", default="score", help="name of the reward models' value head")
-    a("--lsc.transform", default="lsc", choices=TRANSFORMS, help="per-RM utility: lsc log σ(r − r_ref), "
-      "sigmoid σ(r − r_ref), center r − r_ref, logsigmoid log σ(r), raw r")
-    a("--lsc.aggregate", default="and", choices=AGGREGATES, help="and: Σ_k u_k; weighted: Σ_k w_k u_k")
-    a("--lsc.weights", type=listed(number(), "weights"), default=None, help="K weights for weighted")
-    a("--lsc.reference", default="group", choices=REFERENCES, help="label: per prompt from --data.label_key; "
-      "group: --lsc.quantile of the prompt's own k candidates; constant: --lsc.reference_value")
-    a("--lsc.quantile", type=number(), default=None, help="quantile in (0, 1) for group; None with group: 0.5")
-    a("--lsc.reference_value", type=listed(number(), "values"), default=None, help="K constants for constant")
+    add_reward_flags(a, transform="lsc", reference="group", group="the prompt's own k candidates")
     a("--output.dir", required=True, help="output folder (created if missing)")
     a("--output.response_key", default="response", help="output field for the chosen response")
     a("--output.shard_size", type=integer(1), default=256, help="prompts per saved shard of sampled and scored work")
@@ -79,20 +74,12 @@ def build_parser() -> Parser:
 def check_args(args) -> SimpleNamespace:
     """Every cross-flag and path check, before anything loads; returns what they derive."""
     names = pipeline.rm_names(args.rm.paths, args.rm.names)
-    spec = reward_spec(args, names)
+    spec = reward_spec(names, args.lsc, args.data.label_key)
     if spec.reference == "group" and args.rerank.k < 2:
         raise ValueError(f"--rerank.k must be >= 1 (>= 2 for --lsc.reference group), got {args.rerank.k}")
     clients = pipeline.check_sampling_and_scoring(args, names, sampling=True)
     check_output_dir("--output.dir", args.output.dir)
     return SimpleNamespace(names=names, spec=spec, clients=clients)
-
-
-def reward_spec(args, names: List[str]) -> RewardSpec:
-    """The `RewardSpec` of the `--lsc.*` flags (raises ValueError naming the flag)."""
-    lsc = args.lsc
-    return RewardSpec(names=tuple(names), transform=lsc.transform, aggregate=lsc.aggregate, weights=lsc.weights,
-                      reference=lsc.reference, quantile=lsc.quantile, reference_value=lsc.reference_value,
-                      label_key=args.data.label_key)
 
 
 def candidates(prompts: List[str], sampler, reward_fns: Dict[str, Any], k: int) -> List[Dict[str, Any]]:

@@ -12,11 +12,11 @@ import sys
 from types import SimpleNamespace
 from typing import List, Optional
 
-from openrlhf_lsc.cli.common import listed, number
+from openrlhf_lsc.cli.common import add_reward_flags, number, reward_spec
 from openrlhf_lsc.integration.stock_cli import StockCLI
 from openrlhf_lsc.integration.rehearsal import check_config
 from openrlhf_lsc.monitor import Monitor, check_evaluators
-from openrlhf_lsc.rewards import AGGREGATES, REFERENCES, TRANSFORMS, RewardSpec
+from openrlhf_lsc.rewards import RewardSpec
 
 PROG = "python -m openrlhf_lsc.cli.train_ppo_ray"
 REHEARSAL = {  # --lsc.rehearsal.<name>: (type, default, help)
@@ -42,11 +42,18 @@ MONITOR = {  # --lsc.monitor.<name>: (argparse keywords, help)
 }
 
 
+def scale(text: str):
+    """argparse type of --lsc.scale: `match` or a finite number > 0."""
+    try:
+        return text if text == "match" else number(0, low_open=True)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected `match` or a finite number > 0, got {text!r}") from None
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("openrlhf_lsc reward transforms (--lsc.*); any of them turns the plugin on")
-    g.add_argument("--lsc.transform", choices=TRANSFORMS, default="raw",
-                   help="raw: r (stock); lsc: log sigmoid(r - r_ref(x)); center: r - r_ref(x); logsigmoid: "
-                   "log sigmoid(r); sigmoid: sigmoid(r - r_ref(x))")
+    add_reward_flags(g.add_argument, transform="raw", reference="none",
+                     group="the prompt's n_samples_per_prompt rollouts")
     g.add_argument("--lsc.reward_models", default=None,
                    help="comma-separated local reward models A,B,...: each sample gets K rewards from OpenRLHF's "
                    "reward actors (the same as --reward.model_name_or_path A,B)")
@@ -55,18 +62,11 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                    "per model (default: each path's basename). --reward.remote_url / --train.agent_func_path: the "
                    "names the reward_func or agent returns as extra_logs['lsc/<name>/reward'] (default: its scalar "
                    "reward, named after the .py file, 'remote' or 'agent')")
-    g.add_argument("--lsc.aggregate", choices=AGGREGATES, default="and",
-                   help="and: sum of the K utilities (logical AND with lsc); weighted: sum_k w_k u_k")
-    g.add_argument("--lsc.weights", type=listed(number(), "weights"), default=None,
-                   help="K comma-separated weights for --lsc.aggregate weighted")
-    g.add_argument("--lsc.reference", choices=REFERENCES, default="none",
-                   help="r_ref(x): label = per prompt from the --data.label_key field (schema: openrlhf_lsc.references); "
-                   "group = the --lsc.quantile of the prompt's n_samples_per_prompt rollouts (moving, not the paper's "
-                   "SFT reference); constant = --lsc.reference_value")
-    g.add_argument("--lsc.quantile", type=number(), default=None,
-                   help="quantile in (0, 1) for --lsc.reference group; unset there: 0.5, the median")
-    g.add_argument("--lsc.reference_value", type=listed(number(), "values"), default=None,
-                   help="K comma-separated constants for --lsc.reference constant")
+    g.add_argument("--lsc.scale", type=scale, default=None,
+                   help="multiply the utility by this positive number, or `match`: by the number that gives the first "
+                   "batch's utility the spread the same aggregation of the raw rewards has, so that turning a transform "
+                   "on does not silently change the strength of the KL coefficient (logged as lsc/scale; to resume, "
+                   "pass the logged number)")
     g.add_argument("--lsc.dump_rewards", default=None,
                    help="absolute path: the PPO trainer process appends one JSON line per sample (step, token ids, "
                    "K raw rewards, references, utility)")
@@ -112,15 +112,15 @@ def resolve(flat: dict, args, rewards: bool = True) -> SimpleNamespace:
 
     Returns:
         SimpleNamespace(spec: RewardSpec or None (no reward flag given), extra_logs: bool (read the K rewards from
-        the reward_func's/agent's extra_logs), dump_rewards, rehearsal: SimpleNamespace of --lsc.rehearsal.*,
-        monitor: SimpleNamespace of --lsc.monitor.* or None).
+        the reward_func's/agent's extra_logs), scale: None, a number or "match", dump_rewards, rehearsal:
+        SimpleNamespace of --lsc.rehearsal.*, monitor: SimpleNamespace of --lsc.monitor.* or None).
 
     Raises:
         ValueError naming the flag, for the CLI to print as one line.
     """
     group = lambda prefix: SimpleNamespace(**{k[len(prefix):]: flat.pop(k) for k in list(flat) if k.startswith(prefix)})
-    lsc = SimpleNamespace(spec=None, extra_logs=False, dump_rewards=None, rehearsal=group("rehearsal."),
-                          monitor=group("monitor."))
+    lsc = SimpleNamespace(spec=None, extra_logs=False, scale=flat.pop("scale"), dump_rewards=None,
+                          rehearsal=group("rehearsal."), monitor=group("monitor."))
     if rewards:
         lsc.spec, lsc.extra_logs = _reward_spec(flat, args)
     lsc.monitor = _monitor(lsc.monitor, args, lsc.spec)
@@ -203,12 +203,13 @@ def _reward_spec(flat: dict, args):
         if len(names) != len(paths):
             raise ValueError(f"--lsc.reward_names lists {len(names)} names for {len(paths)} reward models ({local})")
         extra_logs = False
-    spec = RewardSpec(names=tuple(names), transform=flat["transform"], aggregate=flat["aggregate"],
-                      weights=flat["weights"], reference=flat["reference"], quantile=flat["quantile"],
-                      reference_value=flat["reference_value"], label_key=args.data.label_key)
+    spec = reward_spec(names, flat, args.data.label_key)
     if spec.reference == "group" and args.rollout.n_samples_per_prompt < 2:
         raise ValueError("--lsc.reference group needs --rollout.n_samples_per_prompt >= 2 (the group to take the "
                          f"quantile over), got {args.rollout.n_samples_per_prompt}")
+    if spec.aggregate == "gdpo" and args.rollout.n_samples_per_prompt < 2:
+        raise ValueError("--lsc.aggregate gdpo normalises each reward within its prompt's samples: needs "
+                         f"--rollout.n_samples_per_prompt >= 2, got {args.rollout.n_samples_per_prompt}")
     coef = args.reward.stop_properly_penalty_coef
     if spec.transform != "raw" and coef is not None and coef >= 0:
         raise ValueError(

@@ -11,6 +11,9 @@
   `lsc/<name>/{reward,utility,margin,above_ref}`, and `lsc/clipped`, counted where stock clips: in its
   `compute_reward`, on the reward after length penalties and the group baseline. Stock's `reward` (a tensor) is, as
   in stock, what PPO trains on.
+- The batch's spread of the utility and of the same aggregation of the raw rewards, `lsc/utility_std` and
+  `lsc/reward_std` (a transform changes the reward's scale, and with it the strength of the KL coefficient), and
+  `lsc/scale`: `--lsc.scale` (a number, or `match`: fixed on the first batch so the two spreads agree).
 - `--lsc.monitor.reward_models` (M evaluators) follow the K proxies in the reward actors' `[b, K + M]` output:
   `reward_hook` gives the first K columns to `reward_utilities` and the last M to the monitor (`monitor.observe`).
 """
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 
 from openrlhf_lsc.integration import bind, monitor, wrap
-from openrlhf_lsc.rewards import reward_utilities
+from openrlhf_lsc.rewards import aggregate_rewards, reward_utilities
 
 _clip_queue: List = []  # experiences whose stock compute_reward call is still to come, in order
 
@@ -113,15 +116,22 @@ def reward_hook(experiences: List, args) -> List:
             raise named from None
         raise
 
+    raw = aggregate_rewards(rewards, None, "raw", spec.aggregate, spec.weights, n)  # what raw PPO would train on
+    scale = _scale(cfg, utility, raw)
+    if scale != 1.0:
+        utility = metrics["lsc/utility"] = utility * scale
     # Per-sample metrics back in experience order, as Python lists: OpenRLHF logs lists like tensors and Ray ships them
     # cheaply, while a per-experience view of a batch tensor would ship the whole batch's storage with every one.
     columns = {key: v.to(utility.dtype)[order].tolist() for key, v in metrics.items()}
+    spread = {"lsc/utility_std": utility.float().std().item(), "lsc/reward_std": raw.float().std().item(),
+              "lsc/scale": scale}
     source = torch.cat([e.rewards for e in experiences]).reshape(len(order), -1) if cfg.extra_logs else batch
     columns["lsc/reward"] = source[:, :k].float().sum(1).tolist()  # the source's raw reward (or the K RMs' sum)
     reward, start = utility[order], 0
     for e in experiences:
         end = start + len(e.index)
         e.info.update({key: values[start:end] for key, values in columns.items()})
+        e.info.update({key: [value] * len(e.index) for key, value in spread.items()})
         # What PPO trains on, a tensor with its own storage: stock's `reward` (stock's length penalties change it in
         # place; lsc/utility keeps the plugin's utility).
         e.rewards = e.info["reward"] = reward[start:end].clone()
@@ -133,6 +143,20 @@ def reward_hook(experiences: List, args) -> List:
     if cfg.dump_rewards:
         _dump(cfg.dump_rewards, experiences, order, rewards, metrics, spec.names)
     return experiences
+
+
+def _scale(cfg, utility, raw) -> float:
+    """The factor of --lsc.scale: 1 without it, the number given, or (match) std(raw) / std(utility) of the first
+    batch of the run, kept on its `args.lsc` for the rest of it."""
+    if cfg.scale != "match":
+        return 1.0 if cfg.scale is None else float(cfg.scale)
+    if getattr(cfg, "matched_scale", None) is None:
+        spread = utility.float().std().item()
+        if not spread > 1e-6 * max(1.0, utility.abs().max().item()):  # float32 rounding of equal values
+            raise ValueError("--lsc.scale match: the first batch's utilities are all equal, so there is no spread to "
+                             "match; give --lsc.scale a number instead")
+        cfg.matched_scale = raw.float().std().item() / spread
+    return cfg.matched_scale
 
 
 def _dump(path: str, experiences, order, rewards, metrics, names) -> None:

@@ -6,7 +6,8 @@ import json
 import time
 from typing import List, Optional
 
-from openrlhf_lsc.lab.experiments import PRESETS, evaluate_checkpoint, run_lab
+from openrlhf_lsc.lab.config import PRESETS
+from openrlhf_lsc.lab.pipeline import evaluate_checkpoint, run_lab
 
 
 def seed_list(text: str) -> List[int]:

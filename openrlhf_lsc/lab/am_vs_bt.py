@@ -16,9 +16,7 @@ Outputs in DIR: am_vs_bt.md, am_vs_bt.png, am_vs_bt.json; lab/ (world, SFT), pro
 
 import argparse
 import dataclasses
-import json
 import os
-import random
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -31,8 +29,13 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from openrlhf_lsc.am_loss import AdvantageModelLoss, pairwise_metrics  # noqa: E402
-from openrlhf_lsc.lab import experiments as ex  # noqa: E402
 from openrlhf_lsc.lab import models, ppo  # noqa: E402
+from openrlhf_lsc.lab.config import PRESETS as LAB_PRESETS  # noqa: E402
+from openrlhf_lsc.lab.evaluation import gold_scores  # noqa: E402
+from openrlhf_lsc.lab.files import (  # noqa: E402
+    pin_json, read_json, save_figure, save_model_dir, write_json, write_text,
+)
+from openrlhf_lsc.lab.world_setup import Lab  # noqa: E402
 
 TASKS = {"code": ("code", "bike", "home", "money"), "qa": ("cooking", "garden", "travel", "health")}
 TASK_OF = {topic: task for task, topics in TASKS.items() for topic in topics}
@@ -70,37 +73,13 @@ def win_rate_vs(policy_gold: np.ndarray, sft_gold: np.ndarray) -> np.ndarray:
     return ((a > b) + 0.5 * (a == b)).mean((1, 2))
 
 
-def train_am(rm: models.RewardModel, prompt_ids: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor,
-             tasks: Sequence[str], loss_fn: AdvantageModelLoss, epochs: int, seed: int) -> List[float]:
-    """`models.train_reward_model`'s loop (same lr, batch, order) with the AM loss. Returns epoch losses."""
-    opt = torch.optim.Adam(rm.parameters(), lr=1e-3)
-    rng, order, losses = random.Random(seed), list(range(len(chosen))), []
-    rm.train()
-    loss_fn.train()
-    for _ in tqdm(range(epochs), desc="RM am", leave=False):
-        rng.shuffle(order)
-        total = 0.0
-        for i in range(0, len(order), 64):
-            idx = torch.tensor(order[i : i + 64])
-            seq, mask = models.sequences_and_mask(torch.cat([prompt_ids[idx]] * 2), torch.cat([chosen[idx], rejected[idx]]))
-            r = rm(seq, mask)
-            loss = loss_fn(r[: len(idx)], r[len(idx) :], [tasks[j] for j in idx.tolist()])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        losses.append(total / len(order))
-    rm.eval()
-    return losses
-
-
-def build_proxies(out: str, cfg: Config, lab: ex.Lab, sft) -> Dict:
+def build_proxies(out: str, cfg: Config, lab: Lab, sft) -> Dict:
     """Pairs labelled with per-task temperatures -> BT and AM proxies (proxies/), metrics and the SFT eval pool."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     prompts = [p for p in lab.train_prompts for _ in range(2 * cfg.pairs_per_prompt)]
     ids = models.encode_prompts([p.text for p in prompts])
-    responses = ex.sample_batched(sft, ids, gen, desc="RM data: SFT samples")
-    gold = torch.tensor(ex.gold_scores("helpful", prompts, models.decode_responses(responses)))
+    responses = models.sample_batched(sft, ids, gen)
+    gold = torch.tensor(gold_scores("helpful", prompts, models.decode_responses(responses)))
     a, b = torch.arange(0, len(prompts), 2), torch.arange(1, len(prompts), 2)
     tasks = [TASK_OF[prompts[i].topic] for i in a.tolist()]
     temp = torch.tensor([cfg.temperature[t] for t in tasks])
@@ -112,8 +91,8 @@ def build_proxies(out: str, cfg: Config, lab: ex.Lab, sft) -> Dict:
     # SFT pool on the eval prompts: the win-rate reference and the proxies' per-task score scales.
     pool_prompts = [p for p in lab.eval_prompts for _ in range(cfg.sft_pool)]
     pool_ids = models.encode_prompts([p.text for p in pool_prompts])
-    pool = ex.sample_batched(sft, pool_ids, gen, desc="SFT eval pool")
-    gold_sft = ex.gold_scores("helpful", pool_prompts, models.decode_responses(pool)).reshape(-1, cfg.sft_pool)
+    pool = models.sample_batched(sft, pool_ids, gen)
+    gold_sft = gold_scores("helpful", pool_prompts, models.decode_responses(pool)).reshape(-1, cfg.sft_pool)
     setup = {"gold_sft": gold_sft.tolist(),
              "label_agreement_with_gold": {}, "proxies": {}}
     strict = gold[a] != gold[b]
@@ -123,14 +102,12 @@ def build_proxies(out: str, cfg: Config, lab: ex.Lab, sft) -> Dict:
     eval_task = [TASK_OF[p.topic] for p in lab.eval_prompts]
     for i, name in enumerate(PROXIES):
         rm = models.reward_model_from(sft, cfg.seed + 10)  # same initialisation for both proxies
-        if name == "bt":
-            losses = models.train_reward_model(rm, pid[tr], chosen[tr], rejected[tr], epochs=cfg.rm_epochs, lr=1e-3,
-                                               batch=64, seed=cfg.seed, desc="RM bt")
-        else:
-            losses = train_am(rm, pid[tr], chosen[tr], rejected[tr], tasks[:n_tr], AdvantageModelLoss(**cfg.am),
-                              cfg.rm_epochs, cfg.seed)
+        am = AdvantageModelLoss(**cfg.am).train()
+        losses = models.train_reward_model(rm, pid[tr], chosen[tr], rejected[tr], epochs=cfg.rm_epochs, lr=1e-3, batch=64,
+                                           seed=cfg.seed, desc=f"RM {name}",
+                                           loss_fn=None if name == "bt" else lambda c, r, idx: am(c, r, [tasks[j] for j in idx]))
         c, r = models.score(rm, pid[ho], chosen[ho]), models.score(rm, pid[ho], rejected[ho])
-        s = ex.score_batched(rm, pool_ids, pool).numpy().reshape(-1, cfg.sft_pool)
+        s = models.score_batched(rm, pool_ids, pool).numpy().reshape(-1, cfg.sft_pool)
         setup["proxies"][name] = {
             "epoch_losses": losses,
             "heldout_vs_labels": pairwise_metrics(c, r, tasks[n_tr:]),
@@ -138,16 +115,16 @@ def build_proxies(out: str, cfg: Config, lab: ex.Lab, sft) -> Dict:
             "sft_pool_per_task": {t: {"mean": float(s[[x == t for x in eval_task]].mean()),
                                       "std": float(s[[x == t for x in eval_task]].std())} for t in TASKS},
         }
-        ex.save_model_dir(os.path.join(out, "proxies", name), rm, lab.tokenizer)
+        save_model_dir(os.path.join(out, "proxies", name), rm, lab.tokenizer)
     return setup
 
 
-def run_one(out: str, cfg: Config, lab: ex.Lab, sft, setup: Dict, proxy: str, c: float, seed: int) -> Dict:
+def run_one(out: str, cfg: Config, lab: Lab, sft, setup: Dict, proxy: str, c: float, seed: int) -> Dict:
     """PPO with one proxy at KL coefficient c (x the proxy's SFT-pool std); per-task evaluation; runs/<id>.json."""
     target = os.path.join(out, "runs", f"{proxy}-c{c:g}-s{seed}.json")
     if os.path.exists(target):
-        return ex.read_json(target)
-    rm = ex.load_rm(os.path.join(out, "proxies", proxy))
+        return read_json(target)
+    rm = models.load_rm(os.path.join(out, "proxies", proxy))
     sft_proxy = np.array(setup["proxies"][proxy]["sft_pool"])
     pcfg = ppo.PPOConfig(**{**cfg.ppo, "kl_coef": c * float(sft_proxy.std())})
     pipeline = ppo.RewardPipeline([rm], [proxy], [{}] * len(lab.train_prompts))
@@ -158,12 +135,12 @@ def run_one(out: str, cfg: Config, lab: ex.Lab, sft, setup: Dict, proxy: str, c:
     gen = torch.Generator().manual_seed(2000 + seed)
     prompts = [p for p in lab.eval_prompts for _ in range(cfg.eval_samples)]
     ids = models.encode_prompts([p.text for p in prompts])
-    responses = ex.sample_batched(result.policy, ids, gen, desc="eval")
+    responses = models.sample_batched(result.policy, ids, gen)
     with torch.no_grad():
         kl = ((models.response_logprobs(result.policy, ids, responses) - models.response_logprobs(sft, ids, responses))
               * models.action_mask(responses)).sum(1)
-    gold = ex.gold_scores("helpful", prompts, models.decode_responses(responses)).reshape(-1, cfg.eval_samples)
-    proxy_scores = ex.score_batched(rm, ids, responses).numpy().reshape(-1, cfg.eval_samples)
+    gold = gold_scores("helpful", prompts, models.decode_responses(responses)).reshape(-1, cfg.eval_samples)
+    proxy_scores = models.score_batched(rm, ids, responses).numpy().reshape(-1, cfg.eval_samples)
     win = win_rate_vs(gold, np.array(setup["gold_sft"]))
     eval_task = np.array([TASK_OF[p.topic] for p in lab.eval_prompts])
     per_task = {t: {"win_vs_sft": float(win[eval_task == t].mean()),
@@ -175,7 +152,7 @@ def run_one(out: str, cfg: Config, lab: ex.Lab, sft, setup: Dict, proxy: str, c:
               "kl": kl.mean().item(), "win_vs_sft": float(win.mean()), "per_task": per_task,
               "drift_code_share": gains[0] / sum(gains) if sum(gains) > 0 else None,  # undefined without a gain
               "seconds": time.time() - start}
-    ex.write_json(target, record)
+    write_json(target, record)
     return record
 
 
@@ -197,11 +174,7 @@ def plot(out: str, setup: Dict, runs: List[Dict]) -> str:
     ax.axhline(0.5, color="gray", lw=0.8)
     ax.set(title="PPO: per-task gold win rate vs SFT", xlabel="KL(policy || SFT)", ylabel="win rate")
     ax.legend()
-    path = os.path.join(out, "am_vs_bt.png")
-    fig.savefig(path + ".tmp.png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-    return "am_vs_bt.png"
+    return save_figure(fig, os.path.join(out, "am_vs_bt.png"))
 
 
 def summarise(runs: List[Dict], setup: Dict) -> List[Dict]:
@@ -267,12 +240,8 @@ def run(out: str, cfg: Config) -> Dict:
     """Run (or resume) the experiment in `out`; write am_vs_bt.{md,png,json}; return the results."""
     torch.set_num_threads(1)
     start = time.time()
-    os.makedirs(out, exist_ok=True)
-    cfg_json, saved = json.loads(json.dumps(dataclasses.asdict(cfg))), os.path.join(out, "config.json")
-    if os.path.exists(saved) and ex.read_json(saved) != cfg_json:
-        raise ValueError(f"{out} holds a run with a different configuration ({saved}): use the same flags or another --out")
-    ex.write_json(saved, cfg_json)
-    lab = ex.Lab(os.path.join(out, "lab"), dataclasses.replace(ex.PRESETS[cfg.lab], seeds=(cfg.seed,)))
+    cfg_json = pin_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg), "am_vs_bt run")
+    lab = Lab(os.path.join(out, "lab"), dataclasses.replace(LAB_PRESETS[cfg.lab], seeds=(cfg.seed,)))
     if not os.path.exists(lab.path("models", "sft")):
         lab.build_sft()
     sft = lab.load_sft()
@@ -280,22 +249,19 @@ def run(out: str, cfg: Config) -> Dict:
     if not os.path.exists(setup_path):
         setup = build_proxies(out, cfg, lab, sft)
         setup["eval_task"] = [TASK_OF[p.topic] for p in lab.eval_prompts]
-        ex.write_json(setup_path, setup)
-    setup = ex.read_json(setup_path)
+        write_json(setup_path, setup)
+    setup = read_json(setup_path)
     grid = [(p, c, s) for p in PROXIES for c in cfg.kl_grid for s in cfg.ppo_seeds]
     runs = [run_one(out, cfg, lab, sft, setup, *g) for g in tqdm(grid, desc="PPO runs")]
     rows = summarise(runs, setup)
     fig = plot(out, setup, runs)
     seconds = time.time() - start
     text = report(cfg, setup, rows, fig, seconds)
-    tmp = os.path.join(out, "am_vs_bt.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(out, "am_vs_bt.md"))
+    write_text(os.path.join(out, "am_vs_bt.md"), text)
     results = {"config": cfg_json, "rows": rows, "runs": runs, "figures": [fig], "wall_seconds_this_invocation": seconds,
                "proxies": {n: {k: v for k, v in p.items() if k != "sft_pool"} for n, p in setup["proxies"].items()},
                "label_agreement_with_gold": setup["label_agreement_with_gold"]}
-    ex.write_json(os.path.join(out, "am_vs_bt.json"), results)
+    write_json(os.path.join(out, "am_vs_bt.json"), results)
     print("\n" + text)
     return results
 

@@ -17,7 +17,6 @@ metrics are recorded by its `on_step` hook before each rollout.
 
 import argparse
 import dataclasses
-import json
 import os
 import random
 import sys
@@ -29,7 +28,10 @@ import torch
 from tqdm.auto import tqdm
 
 from openrlhf_lsc.lab import models, ppo, world
-from openrlhf_lsc.lab.experiments import PRESETS, Lab, gold_scores, read_json, write_json
+from openrlhf_lsc.lab.config import PRESETS
+from openrlhf_lsc.lab.evaluation import gold_scores
+from openrlhf_lsc.lab.files import pin_json, read_json, save_figure, write_json, write_text
+from openrlhf_lsc.lab.world_setup import Lab
 from openrlhf_lsc.rehearsal import cluster_prompts, select, token_nll
 
 METRICS = ("gold_helpful", "gold_harmless", "proxy_helpful", "heldout_nll")
@@ -81,17 +83,10 @@ def run(out: str, mode: str = "default") -> Dict:
     start, m = time.time(), MODES[mode]
     cfg = dataclasses.replace(PRESETS[m["lab"]], workers=1)
     config = {"mode": mode, **m, "lab_config": dataclasses.asdict(cfg)}
-    saved_path = os.path.join(out, "config.json")
-    os.makedirs(out, exist_ok=True)
-    if os.path.exists(saved_path) and read_json(saved_path) != json.loads(json.dumps(config)):
-        raise ValueError(f"{out} holds a forgetting run with another configuration ({saved_path}); use another --out")
-    write_json(saved_path, config)
+    pin_json(os.path.join(out, "config.json"), config, "forgetting run")
 
     lab = Lab(os.path.join(out, "lab"), cfg)
-    for name, marker in lab.STAGES[:2]:  # SFT and reward models only
-        if not os.path.exists(lab.path(marker)):
-            with lab.timed(name):
-                getattr(lab, f"build_{name}")()
+    lab.setup(progress=False, last="reward_models")  # SFT and reward models only
     sft, rm = lab.load_sft(), lab.load_rms()["helpful"]
 
     # Expert answers (fresh draws from the lab's demonstrator): one per training prompt, for selection and
@@ -204,10 +199,7 @@ def write_report(out: str, results: Dict) -> None:
         ax.set_title(key.replace("_", " ") + (" (held-out expert set)" if key == "heldout_nll" else " (train prompts)"),
                      fontsize=9)
     axes[0].legend(fontsize=8)
-    tmp = os.path.join(out, "forgetting.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, os.path.join(out, "forgetting.png"))
+    save_figure(fig, os.path.join(out, "forgetting.png"))
 
     head = "| arm | PPO prompts | gold helpful | gold harmless | proxy helpful | held-out expert NLL | rollout KL |"
     lines = [head, "|---|---|---|---|---|---|---|"]
@@ -244,10 +236,7 @@ def write_report(out: str, results: Dict) -> None:
         "the SFT policy's own teacher, so its NLL measures drift away from the SFT distribution.", "",
         f"Wall time {results['wall_seconds'] / 60:.1f} min (this invocation).", "",
     ])
-    tmp = os.path.join(out, "forgetting.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(out, "forgetting.md"))
+    write_text(os.path.join(out, "forgetting.md"), text)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

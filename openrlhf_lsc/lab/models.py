@@ -10,7 +10,7 @@ does not import OpenRLHF.
 """
 
 import random
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -208,8 +208,11 @@ def train_sft(policy: LlamaForCausalLM, prompts: Sequence[world.Prompt], demos: 
 
 
 def train_reward_model(rm: RewardModel, prompt_ids: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor,
-                       epochs: int, lr: float, batch: int, seed: int, desc: str = "RM") -> List[float]:
-    """Bradley-Terry training, loss -log sigmoid(r_chosen - r_rejected) (OpenRLHF's PairWiseLoss). Returns epoch losses."""
+                       epochs: int, lr: float, batch: int, seed: int, desc: str = "RM",
+                       loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor, List[int]], torch.Tensor]] = None
+                       ) -> List[float]:
+    """Pairwise training, by default Bradley-Terry: loss -log sigmoid(r_chosen - r_rejected) (OpenRLHF's PairWiseLoss);
+    `loss_fn(r_chosen, r_rejected, pair indices)` replaces it. Returns epoch losses."""
     opt = torch.optim.Adam(rm.parameters(), lr=lr)
     rng = random.Random(seed)
     order = list(range(len(chosen)))
@@ -223,7 +226,10 @@ def train_reward_model(rm: RewardModel, prompt_ids: torch.Tensor, chosen: torch.
             p = torch.cat([prompt_ids[idx], prompt_ids[idx]])
             seq, mask = sequences_and_mask(p, torch.cat([chosen[idx], rejected[idx]]))
             r = rm(seq, mask)
-            loss = -F.logsigmoid(r[: len(idx)] - r[len(idx) :]).mean()
+            if loss_fn is None:
+                loss = -F.logsigmoid(r[: len(idx)] - r[len(idx) :]).mean()
+            else:
+                loss = loss_fn(r[: len(idx)], r[len(idx) :], idx.tolist())
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -238,3 +244,21 @@ def bradley_terry_labels(gold_a: torch.Tensor, gold_b: torch.Tensor, temperature
     """True where a is preferred: P(a > b) = sigmoid((g_a - g_b) / temperature)."""
     p = torch.sigmoid((gold_a - gold_b) / temperature)
     return torch.rand(p.shape, generator=generator) < p
+
+
+def sample_batched(policy: LlamaForCausalLM, prompt_ids: torch.Tensor, generator: torch.Generator,
+                   batch: int = 2048) -> torch.Tensor:
+    """`sample` in chunks of `batch` prompts, one generator throughout."""
+    return torch.cat([sample(policy, prompt_ids[i : i + batch], generator) for i in range(0, len(prompt_ids), batch)])
+
+
+def score_batched(rm: RewardModel, prompt_ids: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+    return score(rm, prompt_ids, responses, batch=1024)
+
+
+def load_policy(path: str) -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+
+
+def load_rm(path: str) -> RewardModel:
+    return RewardModel.from_pretrained(path, attn_implementation="sdpa").eval()

@@ -1,4 +1,4 @@
-"""Plots (PNG) and `report.md` of a lab run, all from the results `experiments.analyse` computed.
+"""Plots (PNG) and `report.md` of a lab run, all from the results `analysis.analyse` computed.
 
 Figures follow paper 1 (Wang et al. 2024): win rate vs KL for single rewards (Figures 3 and 8) and for helpful AND
 harmless in RLHF and best-of-k (Figures 1 and 6), shortcut rates (Figure 5), proxy vs gold over-optimisation
@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from openrlhf_lsc.lab.files import save_figure, write_text  # noqa: E402
+
 TITLES = {
     "win_helpful": "win rate: gold helpfulness > SFT 85th percentile",
     "win_harmless": "win rate: gold harmlessness > SFT 95th percentile",
@@ -28,12 +30,7 @@ SUBSET = {"all": "all test prompts", "sensitive": "sensitive test prompts"}
 
 
 def _save(fig, out: str, name: str) -> str:
-    path = os.path.join(out, name)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return name
+    return save_figure(fig, os.path.join(out, name), dpi=110)
 
 
 def _order(m: str):
@@ -368,10 +365,7 @@ def write(out: str, results: Dict) -> Dict:
     figs += [differences_plot(out, results), check_plot(out, results), headroom_plot(out, results),
              tuning_plot(out, results), best_of_k_plot(out, results)]
     text = _markdown(results, figs)
-    tmp = os.path.join(out, "report.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(out, "report.md"))
+    write_text(os.path.join(out, "report.md"), text)
     print()
     for k, v in results["claims"].items():
         print(f"{k} {v['verdict']:>15}: {v['text']}")
