@@ -7,7 +7,8 @@
   `build_parser()` and `check_args`, the lab and the autoloader through their argparse. Placeholders: `$NAME` is a file
   or model folder that exists (tests/test_examples.py's `user_files`, plus a few here), `--flag <...>` a model folder,
   and `...` or any other `<...>` stands for "your other flags", filled with what that CLI requires.
-  A bash block followed by a text block `<tool>: error: …` must fail with exactly that line.
+  A bash block followed by a text block `<tool>: error: …` must fail with exactly that line. The offline tools'
+  example scripts pass their CLIs' checks the same way (tests/test_examples.py covers the PPO and RM ones).
 - Every dotted flag a page names (`--lsc.quantile`, `--reward.clip_range`, `--lsc.monitor.*`) is a flag of one of the
   plugin's CLIs (stock OpenRLHF's flags included).
 - Every relative link reaches a file and its `#anchor` a heading; every repository path in code exists.
