@@ -167,8 +167,8 @@ def _argv(command: str, values: dict, where: str):
     command = re.sub(r"(--[\w.-]+)\s+<[^<>]*>", r"\1 $ANY", command)
     command = re.sub(r"<[^<>]*>", " ... ", command)
     tokens = shlex.split(command, comments=True)
-    starts = [i for i, t in enumerate(tokens[:-1]) if t in ("-m", "--module") and tokens[i + 1].startswith("openrlhf_lsc")]
-    start = starts[0]
+    start = next(i for i, t in enumerate(tokens[:-1])
+                 if t in ("-m", "--module") and tokens[i + 1].startswith("openrlhf_lsc"))
     module, rest = tokens[start + 1], tokens[start + 2 :]
     for i, t in enumerate(rest):
         if t in ("&&", "||", ";", "|"):
