@@ -1,8 +1,16 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
+# The one place the version is written: openrlhf_lsc/__init__.py (read, not imported: importing needs torch).
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "openrlhf_lsc" / "__init__.py").read_text(), re.M).group(1)
+OPENRLHF_RANGE = ">=0.11.2,<0.12"  # the OpenRLHF versions the patches target (openrlhf_lsc.integration.SUPPORTED)
 
 # OpenRLHF 0.11.2's own requirements minus flash-attn and vLLM (CUDA-only), bitsandbytes (4-bit loading on GPUs),
 # pynvml and isort (not imported), plus what its serve_rm needs (fastapi, uvicorn), for CPU machines.
-# A CPU install takes openrlhf itself with `pip install --no-deps` (see README / .ci/install).
+# A CPU install takes openrlhf itself with `pip install --no-deps` (README "Install", .ci/install).
 OPENRLHF_CPU_DEPS = [
     "accelerate",
     "aiohttp",
@@ -33,15 +41,26 @@ OPENRLHF_CPU_DEPS = [
 
 setup(
     name="openrlhf_lsc",
-    version="0.1.0",
-    description="LSC reward transform, AND-aggregation, Advantage Model and Selective Rehearsal for OpenRLHF",
+    version=VERSION,
+    description="LSC reward transform, AND-aggregation, reference estimators, reward-hacking monitor, Advantage "
+    f"Model and Selective Rehearsal for OpenRLHF {OPENRLHF_RANGE} (and reward wrappers for TRL and verl)",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
     packages=find_packages(include=["openrlhf_lsc", "openrlhf_lsc.*"]),
     python_requires=">=3.10",
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     # torch is not pinned: an installed torch (e.g. the CPU 2.13.0 wheel) satisfies it.
     install_requires=["torch>=2.4", "numpy", "tqdm", "packaging"],
     extras_require={
         # GPU cluster: the real OpenRLHF with vLLM and flash-attn.
-        "gpu": ["openrlhf[vllm]>=0.11.2,<0.12"],
+        "gpu": [f"openrlhf[vllm]{OPENRLHF_RANGE}"],
         # CPU machine: openrlhf installed with --no-deps, then these.
         "cpu": OPENRLHF_CPU_DEPS,
         # estimate_reference (histograms, MiniLM prompt embeddings for `learned`) and select_rehearsal.
@@ -51,7 +70,7 @@ setup(
         "test": ["pytest", "hypothesis", "scipy", "numpy"],
         # openrlhf_lsc.frameworks.trl (docs/trl.md): relies on trl 1.16's reward-function call (tested there only).
         "trl": ["trl==1.16.0"],
-        # on-demand mutation testing of the math layer (README "Test strength"), not run in CI
+        # on-demand mutation testing of the math layer (docs/testing.md), not run in CI
         "mutation": ["mutmut==3.8.1"],
     },
     entry_points={

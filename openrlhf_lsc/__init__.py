@@ -14,7 +14,7 @@ from openrlhf_lsc.rewards import (
     transform_reward,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "AGGREGATES",
     "RewardSpec",
