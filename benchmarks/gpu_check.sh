@@ -4,7 +4,7 @@
 # The two commands (docs/gpu.md): here `bash benchmarks/build_gpu_wheels.sh`, then on the GPU machine this script,
 # carrying benchmarks/gpu_wheels. `bash benchmarks/gpu_rehearsal.sh` rehearses it on a CPU machine first.
 #
-# Steps and their time limits on a GPU (the worst case is their sum, 6.4 min, so one rerun still fits a 15-minute
+# Steps and their time limits on a GPU (the worst case is their sum, 380 s = 6.3 min, so one rerun still fits a 15-minute
 # lease after a 1-2 minute start; a typical run is shorter):
 #   1. the carried wheels, one `pip install --no-index --no-deps --target $SITE` (stops the script on failure)   40 s
 #   2. the GPU suite, `pytest -m gpu tests/gpu`: each OpenRLHF step in its own process with its own limit

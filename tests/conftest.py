@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from hypothesis import settings  # noqa: E402
 
 # `--hypothesis-profile nodb`: random examples as in CI, but no replay of examples stored by earlier runs
-# (README "Test strength": the suite is checked under several seeds this way). `mutation`: the mutation
+# (docs/testing.md "Test strength": the suite is checked under several seeds this way). `mutation`: the mutation
 # run's fixed examples, so its score can be reproduced.
 settings.register_profile("nodb", database=None)
 settings.register_profile("mutation", database=None, derandomize=True)
