@@ -447,8 +447,8 @@ def _submit(address: str, runtime_env: dict, entrypoint: list, timeout: float = 
 
 def test_ray_job_submit_reaches_every_worker(ray_head, models, score, prompt_of, tmp_path_factory):
     """The documented `ray job submit` launch (docs/plugin-loading.md): the job's runtime env has no setup hook;
-    the plugin CLI's ray.init joins the cluster with its hook, and the rewards check passes (the reward actors scored with both models,
-    the trainer applied LSC with label references)."""
+    the plugin CLI's ray.init joins the cluster with its hook, and the rewards check passes (the reward actors
+    scored with both models, the trainer applied LSC with label references)."""
     out = tmp_path_factory.mktemp("job_run")
     flags = _flags(models, out, [*local_rms(models), "--lsc.reference", "label", "--data.label_key", tiny_models.LABEL_KEY])
     code, log, seconds = _submit(ray_head, _job_env(out), [sys.executable, str(DRIVER), "--job", "--", *flags])
