@@ -72,28 +72,37 @@ def references_from_labels(
                 return refs.float().reshape(len(rows), len(names))
     except (ValueError, TypeError, LookupError):  # e.g. bad JSON, a missing key, an entry that is a number or array
         pass
-    out: List[List[float]] = []
+    def reference(entry, row_name, name, label):
+        value = entry.get("reference") if isinstance(entry, dict) else None
+        if not _finite_number(value):
+            raise ValueError(
+                f"{row_name}: field {label_key!r} has no finite reference for reward model {name!r} "
+                f"(expected {label_key}.{name}.reference to be a number within float32 range, got {value!r}; "
+                f"present: {sorted(label)})"
+            )
+        return float(value)
+
+    out = _read_entries(labels, names, label_key, where, reference)
+    return torch.tensor(out, dtype=torch.float32, device=device).reshape(len(out), len(names))
+
+
+def _finite_number(value: Any) -> bool:
+    """A JSON number (not a bool) within float32's range: the check comes before isfinite, where a huge int would
+    overflow float()."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and abs(value) <= FLOAT32_MAX and \
+        math.isfinite(value)
+
+
+def _read_entries(labels: Sequence[Any], names: Sequence[str], label_key: str, where: Optional[Sequence[str]],
+                  read) -> List[list]:
+    """`read(entry, row name, reward name, label)` for every reward model of every label, row by row (errors name
+    the row: `where[i]` or "prompt i")."""
+    out = []
     for i, label in enumerate(labels):
         row_name = where[i] if where is not None else f"prompt {i}"
         label = parse_label(label, row_name, label_key)
-        row = []
-        for name in names:
-            entry = label.get(name)
-            value = entry.get("reference") if isinstance(entry, dict) else None
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or abs(value) > FLOAT32_MAX  # before isfinite: a huge int would overflow float()
-                or not math.isfinite(value)
-            ):
-                raise ValueError(
-                    f"{row_name}: field {label_key!r} has no finite reference for reward model {name!r} "
-                    f"(expected {label_key}.{name}.reference to be a number within float32 range, got {value!r}; "
-                    f"present: {sorted(label)})"
-                )
-            row.append(float(value))
-        out.append(row)
-    return torch.tensor(out, dtype=torch.float32, device=device).reshape(len(out), len(names))
+        out.append([read(label.get(name), row_name, name, label) for name in names])
+    return out
 
 
 def par_references_from_labels(
@@ -121,26 +130,18 @@ def par_references_from_labels(
         >>> par_references_from_labels([{"rm": {"par_scores": [0.5, 1.0, 2.0]}}], ["rm"], "ref", 2).tolist()
         [[[0.5, 1.0]]]
     """
-    out = []
-    for i, label in enumerate(labels):
-        row_name = where[i] if where is not None else f"prompt {i}"
-        label = parse_label(label, row_name, label_key)
-        row = []
-        for name in names:
-            entry = label.get(name)
-            scores = entry.get("par_scores") if isinstance(entry, dict) else None
-            ok = isinstance(scores, list) and len(scores) >= m and all(
-                not isinstance(v, bool) and isinstance(v, (int, float)) and abs(v) <= FLOAT32_MAX and math.isfinite(v)
-                for v in scores[:m])
-            if not ok:
-                got = f"{len(scores)} scores" if isinstance(scores, list) else repr(scores)
-                raise ValueError(
-                    f"{row_name}: field {label_key!r} has no {m} finite PAR reference scores for reward model {name!r} "
-                    f"(expected {label_key}.{name}.par_scores to list at least {m} numbers, from estimate_reference "
-                    f"--ref.par_m {m}; got {got})"
-                )
-            row.append([float(v) for v in scores[:m]])
-        out.append(row)
+    def scores(entry, row_name, name, label):
+        values = entry.get("par_scores") if isinstance(entry, dict) else None
+        if not (isinstance(values, list) and len(values) >= m and all(map(_finite_number, values[:m]))):
+            got = f"{len(values)} scores" if isinstance(values, list) else repr(values)
+            raise ValueError(
+                f"{row_name}: field {label_key!r} has no {m} finite PAR reference scores for reward model {name!r} "
+                f"(expected {label_key}.{name}.par_scores to list at least {m} numbers, from estimate_reference "
+                f"--ref.par_m {m}; got {got})"
+            )
+        return [float(v) for v in values[:m]]
+
+    out = _read_entries(labels, names, label_key, where, scores)
     return torch.tensor(out, dtype=torch.float32, device=device).reshape(len(out), len(names), m)
 
 
