@@ -389,8 +389,8 @@ def _free_port() -> int:
 
 HEAD = """
 import sys, time, ray
-ray.init(num_cpus=8, num_gpus=8, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=int(sys.argv[1]),
-         _temp_dir=sys.argv[2])
+ray.init(address="local", num_cpus=8, num_gpus=8, include_dashboard=True, dashboard_host="127.0.0.1",
+         dashboard_port=int(sys.argv[1]), _temp_dir=sys.argv[2])
 print("head up", flush=True)
 time.sleep(86400)
 """

@@ -15,7 +15,7 @@ def ray_cluster():
 
     # Logical GPUs: the engine factory and the RM actors ask for one each, as on a cluster. One cluster per test:
     # a test's engines and actors hold their GPUs until shutdown.
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -311,7 +311,7 @@ def test_patched_ray_setup_hook(clean_hooks, patched):
         return os.getpid(), list(fake_openrlhf_plugin.CALLS)
 
     hook = runtime_env["worker_process_setup_hook"]
-    ray.init(num_cpus=1, include_dashboard=False, runtime_env={"worker_process_setup_hook": hook})
+    ray.init(address="local", num_cpus=1, include_dashboard=False, runtime_env={"worker_process_setup_hook": hook})
     try:
         pid, calls = ray.get(plugin_calls_in_worker.remote())
     finally:

@@ -581,7 +581,7 @@ AUTOLOAD_CHECK = r'''
 import os, sys, ray
 from openrlhf_lsc.integration import registered
 
-ray.init(num_cpus=2, include_dashboard=False)  # no worker_process_setup_hook
+ray.init(address="local", num_cpus=2, include_dashboard=False)  # no worker_process_setup_hook
 env = {"PYTHONPATH": os.environ["PYTHONPATH"]}
 on = ray.remote(registered).options(runtime_env={"env_vars": {**env, "OPENRLHF_LSC_AUTOLOAD": "1"}})
 off = ray.remote(registered).options(runtime_env={"env_vars": env})

@@ -65,6 +65,7 @@ def main(argv=None) -> None:
 
     if not opts.job:
         ray.init(
+            address="local",  # a cluster of its own, never another one running on this machine
             num_cpus=LOGICAL_GPUS,
             num_gpus=LOGICAL_GPUS,
             include_dashboard=False,  # its ~10 helper processes only slow the start on 2 cores
