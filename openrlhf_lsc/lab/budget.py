@@ -227,7 +227,8 @@ CLAIMS = {
           "every beta",
     "B2": "bounded shaping widens the range of good coefficients: width (c) of lsc / sigmoid / par >= raw's",
     "B3": "at matched scale the bounded transforms still protect a run whose beta is too small (else they are a beta "
-          "rescale): lsc / sigmoid / par with --lsc.scale match >= raw at every beta below raw's best",
+          "rescale): lsc / sigmoid / par with --lsc.scale match >= raw at every beta that is too small for raw (below "
+          "raw's best, and raw's regret interval there wholly above the tolerance of (c))",
     "B4": "untuned AND >= untuned weighted (w = 0.5) at every beta",
     "B5": "AND >= GDPO at every beta",
 }
@@ -319,8 +320,12 @@ def analyse(out: str, cfg: BudgetConfig, records: Dict) -> Dict:
     rows = results["comparisons"]
     if "single" in samples and idx("single", "raw") is not None:
         sm, pt, raw = samples["single"], points["single"], idx("single", "raw")
-        too_small = [b < betas[int(np.argmax(pt["last"][raw]))] for b in betas]  # below raw's best beta
-        results["raw_best_beta"] = betas[int(np.argmax(pt["last"][raw]))]
+        # Too small: below raw's best beta, where raw's last checkpoint is clearly (interval) more than `near` short of
+        # the oracle.
+        best = int(np.argmax(pt["last"][raw]))
+        regret_lo = np.quantile(sm["regret"][:, raw], 0.025, axis=0)
+        too_small = [bool(i < best and regret_lo[i] > cfg.near) for i in range(len(betas))]
+        results["raw_best_beta"], results["too_small_betas"] = betas[best], [b for b, t in zip(betas, too_small) if t]
         for t in ("lsc", "sigmoid", "par"):
             j, jm = idx("single", t), idx("single", f"{t}+match")
             if j is not None:
@@ -333,9 +338,12 @@ def analyse(out: str, cfg: BudgetConfig, records: Dict) -> Dict:
                     rows.append(_diff_row("info", f"{t} - raw, {what}", sm[name][:, j], sm[name][:, raw],
                                           pt[name][j], pt[name][raw], bcols))
             if jm is not None:
-                rows.append(_diff_row("B3", f"{t}+match - raw, last checkpoint (betas below raw's best)",
+                rows.append(_diff_row("B3", f"{t}+match - raw, last checkpoint (betas too small for raw)",
                                       sm["last"][:, jm], sm["last"][:, raw], pt["last"][jm], pt["last"][raw], bcols,
                                       use=too_small))
+            if j is not None and jm is not None:
+                rows.append(_diff_row("info", f"{t}+match - {t}, last checkpoint", sm["last"][:, jm], sm["last"][:, j],
+                                      pt["last"][jm], pt["last"][j], bcols))
     if "pair" in samples and idx("pair", "lsc AND q=(0.5,0.5)") is not None:
         sm, pt, a = samples["pair"], points["pair"], idx("pair", "lsc AND q=(0.5,0.5)")
         for claim, other in (("B4", "weighted w=0.5"), ("B5", "gdpo")):
@@ -395,6 +403,7 @@ def plot(out: str, results: Dict) -> str:
         for a in (ax, ax2):
             a.grid(alpha=0.3)
             a.legend(fontsize=7)
+    fig.tight_layout()
     return save_figure(fig, os.path.join(out, "budget.png"), dpi=110)
 
 
@@ -434,8 +443,10 @@ def markdown(results: Dict, fig: str) -> str:
         "",
     ]
     lines += _table(["claim", "verdict"], [[f"{k}: {v['text']}", f"**{v['verdict']}**"] for k, v in results["claims"].items()])
-    lines += ["", "Paired differences (positive: the first method ahead; B3 reads only the betas below raw's best, "
-              f"beta {results.get('raw_best_beta', '—')}; the others are shown in parentheses):", ""]
+    too_small = ", ".join(f"{b:g}" for b in results.get("too_small_betas", [])) or "none on this grid"
+    lines += ["", "Paired differences (positive: the first method ahead). B3 reads only the betas too small for raw: below "
+              f"raw's best (beta {results.get('raw_best_beta', '—')}) with raw's regret interval wholly above "
+              f"{cfg['near']}: {too_small}; its other columns are in parentheses.", ""]
     rows = []
     for c in results["comparisons"]:
         cells = [_cell(p, signed=True) if u else f"({_cell(p, signed=True)})" for p, u in zip(c["per_column"], c["used"])]

@@ -4,6 +4,7 @@
 import concurrent.futures as cf
 import multiprocessing
 import os
+import socket
 import time
 from dataclasses import asdict
 from typing import Callable, Dict, List, Optional, Tuple
@@ -112,6 +113,21 @@ def connect_ray(address: str) -> bool:
 
     if ray.is_initialized():
         return False
+    target = address
+    if address == "auto":  # RAY_ADDRESS or the head `ray start` recorded (it may be gone)
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            target = canonicalize_bootstrap_address(address) or address
+        except Exception:  # no cluster recorded: ray.init says so at once
+            pass
+    host, _, port = target.rpartition("://")[2].rpartition(":")
+    if host:  # ray.init retries an unreachable address for many minutes: probe it first
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except OSError as e:
+            raise ValueError(f"--ray {address}: nothing answers at {host}:{port} ({e}); start a Ray head there "
+                             "(`ray start --head --port PORT`) or give its address") from None
     try:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR",
                  runtime_env={"py_modules": [os.path.dirname(openrlhf_lsc.__file__)]})
