@@ -17,8 +17,8 @@ import torch
 
 from openrlhf_lsc.lab import models, ppo, stats
 from openrlhf_lsc.lab.__main__ import main
-from openrlhf_lsc.lab.budget import (BUDGET_PRESETS, BudgetConfig, budget_runs, range_width, run_budget,
-                                     run_budget_one, statistics)
+from openrlhf_lsc.lab.budget import (BUDGET_PRESETS, budget_runs, range_width, run_budget, run_budget_one,
+                                     statistics)
 from openrlhf_lsc.lab.files import read_json
 from openrlhf_lsc.lab.runner import run_all, run_path
 from lab_checks import numbers

@@ -18,7 +18,6 @@ the run (the last one if it never fired). A verdict per claim (`CLAIMS`) from th
 Layout: the lab's (`out/world<seed>/runs/<id>.json`, one file per run), `out/results.json` and `out/report.md`.
 """
 
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -421,7 +420,7 @@ def markdown(results: Dict, fig: str) -> str:
         f"{cfg['ppo']['steps']} steps of {cfg['ppo']['rollout_prompts']} prompts x "
         f"{cfg['ppo'].get('n_samples_per_prompt', 1)} samples; checkpoints every {cfg['eval_every']} steps, each "
         f"judged on {results['eval_prompts']} test prompts x {cfg['eval_samples']} samples",
-        f"- win: single reward, gold helpfulness above the SFT 85th percentile; two rewards, above the SFT median on both "
+        "- win: single reward, gold helpfulness above the SFT 85th percentile; two rewards, above the SFT median on both "
         "properties. The oracle: the best pooled win of any method at any beta and checkpoint.",
         f"- {t['runs']} PPO runs; CPU time: setup {t['setup_cpu_seconds'] / 60:.1f} min, runs "
         f"{t['runs_cpu_seconds'] / 60:.1f} min ({t['runs_cpu_seconds'] / max(t['runs'], 1):.1f} s per run; the "
@@ -446,12 +445,13 @@ def markdown(results: Dict, fig: str) -> str:
     too_small = ", ".join(f"{b:g}" for b in results.get("too_small_betas", [])) or "none on this grid"
     lines += ["", "Paired differences (positive: the first method ahead). B3 reads only the betas too small for raw: below "
               f"raw's best (beta {results.get('raw_best_beta', '—')}) with raw's regret interval wholly above "
-              f"{cfg['near']}: {too_small}; its other columns are in parentheses.", ""]
+              f"{cfg['near']}: {too_small}; its other columns are in parentheses. *info* rows are not claims (their "
+              "verdict, in parentheses, reads the same rule).", ""]
     rows = []
     for c in results["comparisons"]:
         cells = [_cell(p, signed=True) if u else f"({_cell(p, signed=True)})" for p, u in zip(c["per_column"], c["used"])]
         cells += [""] * (len(betas) - len(cells))
-        rows.append([c["claim"], c["comparison"]] + cells + [c["verdict"]])
+        rows.append([c["claim"], c["comparison"]] + cells + [c["verdict"] if c["claim"] != "info" else f"({c['verdict']})"])
     lines += _table(["claim", "comparison"] + [f"beta {b:g}" for b in betas] + ["verdict"], rows)
     for name, e in results["experiments"].items():
         o = e["oracle"]
