@@ -64,6 +64,12 @@ def test_regret_oracle_width_average_and_stop_by_hand():
     # method 1: 0.36 -> 0.44 all of the first decade; 0.44 -> 0.20 crosses at 0.09 / 0.24 = 0.375 of the second.
     np.testing.assert_allclose(st["width"], [[1 / 6 + 0.5, 1 + 0.375]])
     assert st["stop"] is stop
+    # Resamples read the oracle in the cell the observed data chose (method 0, beta 0.1, first checkpoint), even where
+    # another cell is higher (method 1's 0.55 in the second resample).
+    two = np.concatenate([curves, curves + np.array([0.0, 0.1])[None, :, None, None]])
+    st = statistics(two, np.concatenate([stop, stop]), betas, near=0.05, oracle=(0, 1, 0))
+    np.testing.assert_allclose(st["oracle"], [0.5, 0.5])
+    np.testing.assert_allclose(st["regret"][1], 0.5 - two[1, ..., -1])
 
 
 def test_resample_means_keeps_trailing_dimensions_paired_and_matches_bootstrap():

@@ -201,7 +201,8 @@ def range_width(x: Sequence[float], y: np.ndarray, threshold: np.ndarray) -> np.
     return (frac * dx).sum(-1)
 
 
-def statistics(curves: np.ndarray, stop: np.ndarray, betas: Sequence[float], near: float) -> Dict[str, np.ndarray]:
+def statistics(curves: np.ndarray, stop: np.ndarray, betas: Sequence[float], near: float,
+               oracle: Optional[Tuple[int, int, int]] = None) -> Dict[str, np.ndarray]:
     """The protocol's statistics from pooled mean wins, for `n` resamples (or the observed data, n = 1).
 
     Args:
@@ -209,15 +210,23 @@ def statistics(curves: np.ndarray, stop: np.ndarray, betas: Sequence[float], nea
         stop: `[n, M, B]` win at the checkpoint where the monitor would have stopped.
         betas: the B KL coefficients.
         near: a beta is good when its last checkpoint is within `near` of the oracle.
+        oracle: the (method, beta, checkpoint) cell that is the oracle; None: the best cell of each of the n. The
+            analysis picks the cell on the observed data and reads that cell in every resample: a maximum taken
+            again in each resample is biased upwards, and its percentile interval misses the observed value.
 
     Returns:
-        `last` `[n, M, B]` (a), `oracle` `[n]` (the best win over methods, betas and checkpoints), `regret`
-        `[n, M, B]` (b), `width` `[n, M]` in decades (c), `average` `[n, M, B]` over checkpoints (d), `stop` (e).
+        `last` `[n, M, B]` (a), `oracle` `[n]`, `regret` `[n, M, B]` (b), `width` `[n, M]` in decades (c),
+        `average` `[n, M, B]` over checkpoints (d), `stop` (e).
+
+    Example:
+        >>> st = statistics(np.array([[[[0.2, 0.5], [0.6, 0.4]]]]), np.zeros((1, 1, 2)), [0.01, 0.1], near=0.15)
+        >>> st["oracle"].tolist(), st["regret"].round(2).tolist(), st["width"].round(2).tolist()
+        ([0.6], [[[0.1, 0.2]]], [[0.5]])
     """
     last = curves[..., -1]
-    oracle = curves.reshape(len(curves), -1).max(1)
-    return {"last": last, "oracle": oracle, "regret": oracle[:, None, None] - last,
-            "width": range_width(np.log10(betas), last, (oracle - near)[:, None]),
+    best = curves.reshape(len(curves), -1).max(1) if oracle is None else curves[(slice(None), *oracle)]
+    return {"last": last, "oracle": best, "regret": best[:, None, None] - last,
+            "width": range_width(np.log10(betas), last, (best - near)[:, None]),
             "average": curves.mean(-1), "stop": stop}
 
 
@@ -289,11 +298,11 @@ def analyse(out: str, cfg: BudgetConfig, records: Dict) -> Dict:
         per_world = wins_per_world(out, cfg, records, experiment)
         draws = stats.resample_means(list(per_world.values()), cfg.bootstrap, seed=e)  # [n, M, B, C + 1]
         observed = np.mean([x.mean((0, 1)) for x in per_world.values()], 0)[None]
-        samples[experiment] = statistics(draws[..., :-1], draws[..., -1], betas, cfg.near)
-        points[experiment] = {k: v[0] for k, v in statistics(observed[..., :-1], observed[..., -1], betas, cfg.near).items()}
-        sm, pt = samples[experiment], points[experiment]
         curve = observed[0, ..., :-1]
         best = np.unravel_index(curve.argmax(), curve.shape)
+        points[experiment] = {k: v[0] for k, v in statistics(observed[..., :-1], observed[..., -1], betas, cfg.near).items()}
+        samples[experiment] = statistics(draws[..., :-1], draws[..., -1], betas, cfg.near, best)
+        sm, pt = samples[experiment], points[experiment]
         kl = {m: [float(np.mean([c["kl"] for r in records.values() if r["run"]["method"] == m
                                  and r["run"]["beta"] == b for c in r["checkpoints"][-1:]])) for b in betas]
               for m in methods}
@@ -421,7 +430,7 @@ def markdown(results: Dict, fig: str) -> str:
         f"{cfg['ppo'].get('n_samples_per_prompt', 1)} samples; checkpoints every {cfg['eval_every']} steps, each "
         f"judged on {results['eval_prompts']} test prompts x {cfg['eval_samples']} samples",
         "- win: single reward, gold helpfulness above the SFT 85th percentile; two rewards, above the SFT median on both "
-        "properties. The oracle: the best pooled win of any method at any beta and checkpoint.",
+        "properties.",
         f"- {t['runs']} PPO runs; CPU time: setup {t['setup_cpu_seconds'] / 60:.1f} min, runs "
         f"{t['runs_cpu_seconds'] / 60:.1f} min ({t['runs_cpu_seconds'] / max(t['runs'], 1):.1f} s per run; the "
         f"workers' process time); wall time of the invocation that wrote this report "
@@ -458,7 +467,8 @@ def markdown(results: Dict, fig: str) -> str:
         tables = e["tables"]
         lines += ["", f"## {'Single reward (helpfulness)' if name == 'single' else 'Two rewards (helpful + harmless)'}: "
                   f"{e['metric']}", "",
-                  f"Oracle: {_cell(o)} ({o['method']}, beta {o['beta']:g}, step {o['step']}).", "",
+                  f"Oracle: {_cell(o)} ({o['method']}, beta {o['beta']:g}, step {o['step']}: the best pooled "
+                  "win of any method, beta and checkpoint; this cell is the oracle in every resample).", "",
                   "(a) Last checkpoint's win per beta (mean KL to SFT of the last checkpoint after the interval):", ""]
         lines += _table(["method"] + [f"beta {b:g}" for b in betas],
                         [[m] + [f"{_cell(tables['last'][m], i)} KL {e['kl_last'][m][i]:.1f}" for i in range(len(betas))]
