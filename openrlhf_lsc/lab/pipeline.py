@@ -64,16 +64,17 @@ def evaluate_checkpoint(out: str, policy_path: str, world_seed: Optional[int] = 
     return result
 
 
-def run_lab(out: str, cfg: LabConfig) -> Dict:
-    """Run (or resume) the whole lab in `out`; write results.json, plots and report.md; return the results."""
+def run_lab(out: str, cfg: LabConfig, ray: Optional[str] = None) -> Dict:
+    """Run (or resume) the whole lab in `out`; write results.json, plots and report.md; return the results.
+    `ray`: the address of a Ray cluster to run the world setups and PPO runs on (default: the local process pool)."""
     from openrlhf_lsc.lab import report
 
     torch.set_num_threads(1)
     start = time.time()
     os.makedirs(out, exist_ok=True)
     pin_config(out, cfg)
-    setup_all(out, cfg)
-    records = run_all(out, cfg, check_runs(cfg), "over-optimisation check")
+    setup_all(out, cfg, ray)
+    records = run_all(out, cfg, check_runs(cfg), "over-optimisation check", ray=ray)
     checks = overoptimisation_check(out, cfg, records)
     failed = [s for s, c in checks.items() if not c["passed"]]
     if failed and cfg.overopt_margin is not None:
@@ -82,12 +83,13 @@ def run_lab(out: str, cfg: LabConfig) -> Dict:
         raise ValueError(f"raw PPO on the helpfulness proxy does not over-optimise (no win-rate rise of >= "
                          f"{cfg.overopt_margin} over SFT to a peak followed by a drop of >= {cfg.overopt_margin}) in "
                          f"{detail}; the benchmark needs that regime: use other --seeds")
-    records.update(run_all(out, cfg, tuning_runs(cfg) + single_test_runs(cfg), "PPO runs (tuning, single rewards)"))
+    records.update(run_all(out, cfg, tuning_runs(cfg) + single_test_runs(cfg), "PPO runs (tuning, single rewards)",
+                           ray=ray))
     selections = select(cfg, out, records)
     write_json(os.path.join(out, "selections.json"), selections)
     roles = and_test_runs(cfg, selections)
     records.update(run_all(out, cfg, [r for per_world in roles.values() for rs in per_world.values() for r in rs],
-                           "PPO runs (AND, tuned)"))
+                           "PPO runs (AND, tuned)", ray=ray))
     results = analyse(out, cfg, records, selections, checks, roles)
     results["wall_seconds_this_invocation"] = time.time() - start
     results.update(report.write(out, results))

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from openrlhf_lsc.lab import models
-from openrlhf_lsc.rewards import NEEDS_REFERENCE, RewardSpec, reward_utilities
+from openrlhf_lsc.rewards import NEEDS_REFERENCE, RewardSpec, aggregate_rewards, reward_utilities
 
 ESTIMATORS = ("gae", "reinforce", "rloo", "reinforce_baseline", "group_norm")
 LABEL_KEY = "lsc_ref"
@@ -120,7 +120,13 @@ class KLController:
 @dataclass
 class RewardPipeline:
     """Proxy reward models -> the plugin's reward core (`reward_utilities`: references from prompt labels,
-    transform, aggregate), exactly as the PPO integration calls it inside OpenRLHF."""
+    transform, aggregate), exactly as the PPO integration calls it inside OpenRLHF.
+
+    `scale="match"` is `--lsc.scale match`: the utility is multiplied by a factor fixed on the first batch it sees,
+    std(the same aggregation of the raw rewards) / std(utility), so a transform does not silently retune the KL
+    coefficient (the rule of `openrlhf_lsc.integration.reward_path`). `spread` holds the last batch's
+    `utility_std` (after scaling), `reward_std` and `scale`, the integration's lsc/* logs.
+    """
 
     reward_models: Sequence[models.RewardModel]
     names: Sequence[str]
@@ -129,21 +135,38 @@ class RewardPipeline:
     aggregate: str = "and"
     weights: Optional[Sequence[float]] = None
     label_key: str = LABEL_KEY  # named in error messages
+    scale: Optional[str] = None  # None or "match"
+    par_m: Optional[int] = None  # PAR's M (transform "par"; default openrlhf_lsc.rewards.PAR_M)
 
     def __post_init__(self):
+        if self.scale not in (None, "match"):
+            raise ValueError(f"RewardPipeline scale must be None or 'match', got {self.scale!r}")
         self.spec = RewardSpec(names=tuple(self.names), transform=self.transform, aggregate=self.aggregate,
                                weights=None if self.weights is None else tuple(self.weights),
                                reference="label" if self.transform in NEEDS_REFERENCE else "none",
-                               label_key=self.label_key)
+                               label_key=self.label_key, par_m=self.par_m)
+        self.matched_scale: Optional[float] = None
+        self.spread: Dict[str, float] = {}
 
     def rewards(self, prompt_ids: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
         """Proxy rewards `[B, K]`."""
         return torch.stack([models.score(rm, prompt_ids, responses) for rm in self.reward_models], 1)
 
-    def utility(self, rewards: torch.Tensor, prompt_index: Sequence[int]) -> torch.Tensor:
-        """Utilities `[B]` from proxy rewards `[B, K]` of samples of prompts `prompt_index`."""
+    def utility(self, rewards: torch.Tensor, prompt_index: Sequence[int], group_size: int = 1) -> torch.Tensor:
+        """Utilities `[B]` from proxy rewards `[B, K]` of samples of prompts `prompt_index`, `group_size`
+        consecutive samples per prompt (gdpo normalises within them)."""
         labels = [self.labels[i] for i in prompt_index] if self.spec.reference == "label" else None
-        return reward_utilities(rewards, self.spec, labels)[0]
+        utility = reward_utilities(rewards, self.spec, labels, group_size)[0]
+        raw = aggregate_rewards(rewards, None, "raw", self.aggregate, self.weights, group_size)
+        if self.scale == "match" and self.matched_scale is None:
+            spread = utility.std().item()
+            if not spread > 1e-6 * max(1.0, utility.abs().max().item()):
+                raise ValueError("scale match: the first batch's utilities are all equal, so there is no spread to match")
+            self.matched_scale = raw.std().item() / spread
+        scale = 1.0 if self.matched_scale is None else self.matched_scale
+        utility = utility * scale if scale != 1.0 else utility
+        self.spread = {"utility_std": utility.std().item(), "reward_std": raw.std().item(), "scale": scale}
+        return utility
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -285,7 +308,7 @@ def train(
             ref_logp = models.response_logprobs(ref, prompts, responses)
             old_values = critic.action_values(seq, attn, responses.shape[1]) * mask if critic is not None else None
             rewards = pipeline.rewards(prompts, responses)
-            utility = pipeline.utility(rewards, index.tolist())
+            utility = pipeline.utility(rewards, index.tolist(), cfg.n_samples_per_prompt)
         kl = (old_logp - ref_logp) * mask
         advantages, returns = advantages_and_returns(utility, kl, mask, old_values, cfg, kl_ctl.value)
 

@@ -1,12 +1,13 @@
-"""The lab's PPO runs: one run up the KL staircase (`run_one`, worker side), and the process pool that runs the runs
-(`run_all`) and sets up the worlds (`setup_all`) side by side."""
+"""The lab's PPO runs: one run up the KL staircase (`run_one`, worker side), and the process pool (or Ray cluster,
+`RayPool`) that runs the runs (`run_all`) and sets up the worlds (`setup_all`) side by side."""
 
 import concurrent.futures as cf
 import multiprocessing
 import os
+import socket
 import time
 from dataclasses import asdict
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -55,22 +56,7 @@ def run_one(out: str, cfg: LabConfig, run: Dict, progress: bool = True) -> str:
     thr_split = {k: v[rows] for k, v in thr.items()}
     stairs, history = [], []
     start, cpu = time.time(), time.process_time()
-    # The over-optimisation monitor (--lsc.monitor.* defaults) watches every run, with a noisy copy of the gold judge
-    # of each property as its evaluator; the run goes on to the end of the staircase (the comparisons need every
-    # stair), and the analysis reads where it would have stopped. Its noise has its own generator: the run is the
-    # same with or without the monitor.
-    monitor = Monitor(run["properties"], [f"judge_{p}" for p in run["properties"]])
-    noise_rng = np.random.default_rng(3000 + run["seed"])
-    gold_sd = {p: float(pools[f"bon_gold_{p}"].std()) for p in run["properties"]}
-
-    def on_rollout(step: int, index: torch.Tensor, responses: torch.Tensor, rewards: torch.Tensor) -> Dict[str, float]:
-        words = models.decode_responses(responses)
-        batch = [lab.train_prompts[i] for i in index.tolist()]
-        gold = {p: gold_scores(p, batch, words) for p in run["properties"]}
-        judge = np.stack([g + MONITOR_NOISE * gold_sd[p] * noise_rng.standard_normal(len(g)) for p, g in gold.items()], 1)
-        metrics, _ = monitor.update(step, rewards, torch.from_numpy(judge))  # no texts: only the signals are kept
-        keep = {k: v for k, v in metrics.items() if k.startswith("monitor/signal/")}
-        return {**keep, **{f"gold/{p}": float(g.mean()) for p, g in gold.items()}}
+    monitor, on_rollout, gold_sd = monitored(run, lab, pools)
 
     def record(step: int, policy) -> None:
         ev = evaluate(policy, sft, rms, prompts, cfg.eval_samples, thr_split, seed=2000 + run["seed"])
@@ -89,27 +75,113 @@ def run_one(out: str, cfg: LabConfig, run: Dict, progress: bool = True) -> str:
     return target
 
 
+def monitored(run: Dict, lab: Lab, pools: Dict) -> Tuple[Monitor, Callable, Dict[str, float]]:
+    """The over-optimisation monitor (--lsc.monitor.* defaults) every lab run carries, with a noisy copy of the gold
+    judge of each property as its evaluator; the run goes on to its end, and the analysis reads where it would have
+    stopped. Its noise has its own generator: the run is the same with or without the monitor.
+
+    Returns:
+        (monitor, on_rollout for `ppo.train`, gold's std over the SFT pool per property).
+    """
+    monitor = Monitor(run["properties"], [f"judge_{p}" for p in run["properties"]])
+    noise_rng = np.random.default_rng(3000 + run["seed"])
+    gold_sd = {p: float(pools[f"bon_gold_{p}"].std()) for p in run["properties"]}
+
+    def on_rollout(step: int, index: torch.Tensor, responses: torch.Tensor, rewards: torch.Tensor) -> Dict[str, float]:
+        words = models.decode_responses(responses)
+        batch = [lab.train_prompts[i] for i in index.tolist()]
+        gold = {p: gold_scores(p, batch, words) for p in run["properties"]}
+        judge = np.stack([g + MONITOR_NOISE * gold_sd[p] * noise_rng.standard_normal(len(g)) for p, g in gold.items()], 1)
+        metrics, _ = monitor.update(step, rewards, torch.from_numpy(judge))  # no texts: only the signals are kept
+        keep = {k: v for k, v in metrics.items() if k.startswith("monitor/signal/")}
+        return {**keep, **{f"gold/{p}": float(g.mean()) for p, g in gold.items()}}
+
+    return monitor, on_rollout, gold_sd
+
+
 def lab_prompt_ids(lab: Lab) -> torch.Tensor:
     return models.encode_prompts([p.text for p in lab.train_prompts])
 
 
-def _pool(cfg: LabConfig):
+def connect_ray(address: str) -> bool:
+    """Connect this process to the Ray cluster at `address` (`auto`: the one `ray start` started on this machine)
+    unless it is connected; returns whether this call connected. The driver's `openrlhf_lsc` is shipped to the
+    workers (`py_modules`), so they run the same code."""
+    import ray
+
+    import openrlhf_lsc
+
+    if ray.is_initialized():
+        return False
+    target = address
+    if address == "auto":  # RAY_ADDRESS or the head `ray start` recorded (it may be gone)
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            target = canonicalize_bootstrap_address(address) or address
+        except Exception:  # no cluster recorded: ray.init says so at once
+            pass
+    host, _, port = target.rpartition("://")[2].rpartition(":")
+    if host:  # ray.init retries an unreachable address for many minutes: probe it first
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except OSError as e:
+            raise ValueError(f"--ray {address}: nothing answers at {host}:{port} ({e}); start a Ray head there "
+                             "(`ray start --head --port PORT`) or give its address") from None
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR",
+                 runtime_env={"py_modules": [os.path.dirname(openrlhf_lsc.__file__)]})
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ValueError(f"--ray {address}: could not connect to a Ray cluster ({str(e).splitlines()[0]}); start one "
+                         "(`ray start --head`) or give its address, e.g. --ray 10.0.0.1:6379") from None
+    return True
+
+
+class RayPool:
+    """`submit(fn, *args)` as a Ray task of one CPU, returning a `concurrent.futures.Future`: the process pool's
+    interface on a Ray cluster. The tasks read and write `out` as the pool's workers do, so every node must see it
+    (a shared filesystem)."""
+
+    def __init__(self, address: str):
+        import ray
+
+        self.ray, self.owned = ray, connect_ray(address)
+        self.remote: Dict[Callable, object] = {}
+
+    def submit(self, fn: Callable, *args) -> cf.Future:
+        if fn not in self.remote:
+            self.remote[fn] = self.ray.remote(num_cpus=1)(fn)
+        return self.remote[fn].remote(*args).future()
+
+    def __enter__(self) -> "RayPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.owned:
+            self.ray.shutdown()
+
+
+def _pool(cfg: LabConfig, ray: Optional[str] = None):
+    if ray is not None:
+        return RayPool(ray)
     return cf.ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"))
 
 
-def run_all(out: str, cfg: LabConfig, runs: List[Dict], desc: str) -> Dict[str, Dict]:
-    """Run the PPO runs not yet on disk, `cfg.workers` at a time; return every run's record by id."""
+def run_all(out: str, cfg: LabConfig, runs: List[Dict], desc: str, run_fn: Callable = run_one,
+            ray: Optional[str] = None) -> Dict[str, Dict]:
+    """Run the PPO runs not yet on disk with `run_fn(out, cfg, run, progress)`, `cfg.workers` at a time (or as
+    tasks of the Ray cluster at address `ray`); return every run's record by id."""
     runs = list({r["id"] + str(r["world"]): r for r in runs}.values())  # a run may serve two roles
     todo = [r for r in runs if not os.path.exists(run_path(out, r))]
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=desc)
-    if cfg.workers <= 1:
+    if cfg.workers <= 1 and ray is None:
         for r in todo:
-            run_one(out, cfg, r)
+            run_fn(out, cfg, r)
             bar.update()
     elif todo:
         # Workers stay quiet (their bars would interleave); this process counts the runs done.
-        with _pool(cfg) as pool:
-            for f in cf.as_completed([pool.submit(run_one, out, cfg, r, False) for r in todo]):
+        with _pool(cfg, ray) as pool:
+            for f in cf.as_completed([pool.submit(run_fn, out, cfg, r, False) for r in todo]):
                 f.result()
                 bar.update()
     bar.close()
@@ -123,14 +195,14 @@ def setup_world(out: str, cfg: LabConfig, seed: int, progress: bool = True) -> N
     Lab(world_dir(out, seed), cfg, seed).setup(progress)
 
 
-def setup_all(out: str, cfg: LabConfig) -> None:
-    """Set up every world not yet set up, worlds side by side."""
+def setup_all(out: str, cfg: LabConfig, ray: Optional[str] = None) -> None:
+    """Set up every world not yet set up, worlds side by side (on the Ray cluster at address `ray`, if given)."""
     todo = [s for s in cfg.seeds if not os.path.exists(os.path.join(world_dir(out, s), "setup", "headroom.json"))]
-    if cfg.workers <= 1 or len(todo) <= 1:
+    if (cfg.workers <= 1 and ray is None) or len(todo) <= 1:
         for s in todo:
             setup_world(out, cfg, s)
         return
-    with _pool(cfg) as pool:
+    with _pool(cfg, ray) as pool:
         for f in tqdm(cf.as_completed([pool.submit(setup_world, out, cfg, s, False) for s in todo]), total=len(todo),
                       desc="setup (worlds)"):
             f.result()

@@ -42,6 +42,38 @@ def at_kl(kls: Sequence[float], values: np.ndarray, target: float, tolerance: fl
     return (1 - w) * values[lo] + w * values[hi]
 
 
+def resample_means(per_world: Sequence[np.ndarray], n: int = 2000, seed: int = 0) -> np.ndarray:
+    """Pooled means of `n` hierarchical resamples: worlds, then PPO seeds and prompts within each world.
+
+    Args:
+        per_world: one `[S, P, ...]` array per world (S PPO seeds by P eval prompts); trailing dimensions (e.g.
+            methods x checkpoints) are resampled together, so any statistic of them stays paired.
+        n: resamples.
+        seed: numpy seed of the resampling.
+
+    Returns:
+        `[n, ...]`: per resample, the mean over the drawn worlds of each world's mean over its drawn seeds and
+        prompts. With one world only seeds and prompts are resampled; with one seed only prompts.
+
+    Example:
+        >>> resample_means([np.ones((2, 3, 4))], n=5).shape
+        (5, 4)
+    """
+    rng = np.random.default_rng(seed)
+    w = len(per_world)
+    cw = rng.multinomial(w, np.full(w, 1 / w), size=n) if w > 1 else np.ones((n, 1), dtype=int)  # copies of each world
+    pooled = 0.0
+    for k, d in enumerate(per_world):
+        s, p = d.shape[:2]
+        # Up to w independent inner resamples per draw: a world drawn twice gets two different resamples.
+        cs = rng.multinomial(s, np.full(s, 1 / s), size=(n, w))  # how often each seed / prompt is drawn
+        cp = rng.multinomial(p, np.full(p, 1 / p), size=(n, w))
+        inner = np.einsum("bjs,sp...,bjp->bj...", cs, d, cp, optimize=True) / (s * p)
+        copies = (np.arange(w)[None, :] < cw[:, k : k + 1]).reshape((n, w) + (1,) * (d.ndim - 2))
+        pooled = pooled + (inner * copies).sum(1)
+    return pooled / w
+
+
 def bootstrap(per_world: Sequence[np.ndarray], n: int = 2000, seed: int = 0, level: float = 0.95) -> Dict[str, float]:
     """Mean and percentile interval of a pooled mean, resampling worlds, then PPO seeds and prompts within each.
 
@@ -52,29 +84,16 @@ def bootstrap(per_world: Sequence[np.ndarray], n: int = 2000, seed: int = 0, lev
         level: coverage of the interval.
 
     Returns:
-        {"mean", "lo", "hi"}: the mean over worlds of each world's mean, and the interval. With one world only
-        seeds and prompts are resampled; with one seed only prompts.
+        {"mean", "lo", "hi"}: the mean over worlds of each world's mean, and the interval (`resample_means`).
 
     Example:
         >>> r = bootstrap([np.array([[1.0, 1.0]])])
         >>> (r["mean"], r["lo"], r["hi"])
         (1.0, 1.0, 1.0)
     """
-    rng = np.random.default_rng(seed)
     point = float(np.mean([d.mean() for d in per_world]))
-    w = len(per_world)
-    cw = rng.multinomial(w, np.full(w, 1 / w), size=n) if w > 1 else np.ones((n, 1), dtype=int)  # copies of each world
-    pooled = np.zeros(n)
-    for k, d in enumerate(per_world):
-        s, p = d.shape
-        # Up to w independent inner resamples per draw: a world drawn twice gets two different resamples.
-        cs = rng.multinomial(s, np.full(s, 1 / s), size=(n, w))  # how often each seed / prompt is drawn
-        cp = rng.multinomial(p, np.full(p, 1 / p), size=(n, w))
-        inner = np.einsum("bjs,sp,bjp->bj", cs, d, cp) / (s * p)
-        pooled += (inner * (np.arange(w)[None, :] < cw[:, k : k + 1])).sum(1)
-    pooled /= w
     alpha = (1 - level) / 2
-    lo, hi = np.quantile(pooled, [alpha, 1 - alpha])
+    lo, hi = np.quantile(resample_means(per_world, n, seed), [alpha, 1 - alpha])
     return {"mean": point, "lo": float(lo), "hi": float(hi)}
 
 

@@ -148,14 +148,18 @@ class Lab:
             return [out[i * k : (i + 1) * k] for i in range(len(batch))]
 
         fns = {n: text_reward_fn(rms[n]) for n in PROPERTIES}
+        # Budget-protocol configs (lab.budget.BudgetConfig) also record PAR's M SFT sample scores per prompt.
+        par_m = getattr(cfg, "par_m", 0)
         sampled, report = estimate_references(texts, sampler, fns, method="quantile", q=SINGLE_Q, k=cfg.ref_k,
-                                              quantiles=REF_QUANTILES, seed=self.seed)
+                                              quantiles=REF_QUANTILES, seed=self.seed, par_m=par_m)
         canned, canned_report = estimate_references(texts, None, {"harmless": fns["harmless"]}, method="canned",
                                                     canned_responses=CANNED, seed=self.seed)
         labels = {}
         for name, spec in label_sets(cfg).items():
             labels[name] = [{p: canned_label["harmless"] if how[0] == "canned" else at_quantile(s[p], how[1])
                              for p, how in spec.items()} for s, canned_label in zip(sampled, canned)]
+        if par_m:  # one label set carries the scores (`--lsc.transform par` reads them), not every set
+            labels["par"] = [{p: s[p] for p in PROPERTIES} for s in sampled]
         n_train, n_val = len(self.train_prompts), len(self.val_prompts)
         for split, sl in (("train", slice(0, n_train)), ("val", slice(n_train, n_train + n_val)),
                           ("test", slice(n_train + n_val, None))):
@@ -249,7 +253,7 @@ def proxy_ascent(rm: models.RewardModel, prompts: Sequence[world.Prompt], starts
 
 def at_quantile(label: Dict, q: float) -> Dict:
     """A copy of an estimator label whose reference is the recorded q-quantile."""
-    return dict(label, reference=label["quantiles"][str(q)], q=q)
+    return {**{k: v for k, v in label.items() if k != "par_scores"}, "reference": label["quantiles"][str(q)], "q": q}
 
 
 def text_reward_fn(rm: models.RewardModel) -> Callable[[List[str], List[str]], List[float]]:
