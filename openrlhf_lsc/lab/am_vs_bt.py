@@ -324,6 +324,7 @@ def analyse(cfg: Config, setups: Dict[int, Dict], proxies: Dict[Tuple[int, int],
 
     n = cfg.bootstrap
     ece = {k: static(k, lambda p: p["test"]["ece"]) for k in PROXIES}
+    ece_last = {k: static(k, lambda p: p["curve"][-1]["test_ece"]) for k in PROXIES}
     acc = {k: static(k, lambda p: p["test_correct"]) for k in PROXIES}
     spr = {k: static(k, spread) for k in PROXIES}
     gaps = {k: gap(k) for k in PROXIES}
@@ -335,6 +336,8 @@ def analyse(cfg: Config, setups: Dict[int, Dict], proxies: Dict[Tuple[int, int],
         c("info", "ECE: BT - AM (task_coef 0)", ece["bt"], ece["am_task0"], n, 3),
         c("info", "ECE: AM - AM (task_coef 0) (> 0: task_coef 0 better calibrated)", ece["am"], ece["am_task0"], n, 4),
         c("info", "test accuracy: AM (task_coef 0) - BT", acc["am_task0"], acc["bt"], n, 5),
+        c("info", f"ECE without matching (both at the last epoch, {cfg.rm_epochs}): BT - AM", ece_last["bt"], ece_last["am"],
+          n, 8),
         c("info", "abs(log(std code / std qa)) of SFT-sample scores: BT - AM (> 0: AM more even)", spr["bt"], spr["am"], n, 6),
         c("info", "abs(log(std code / std qa)): BT - AM (task_coef 0)", spr["bt"], spr["am_task0"], n, 7),
     ]
@@ -371,36 +374,39 @@ def analyse(cfg: Config, setups: Dict[int, Dict], proxies: Dict[Tuple[int, int],
 def plot(out: str, cfg: Config, proxies: Dict, analysis: Dict) -> str:
     """Per-task SFT-sample scores of each proxy (first world and seed), ECE vs validation accuracy over the
     checkpoints (matched ones ringed), and per-task win rates and their gap vs KL (means over worlds and seeds)."""
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
     first = proxies[(cfg.worlds[0], cfg.seeds[0])]
     eval_task = np.array(read_json(os.path.join(out, f"world{cfg.worlds[0]}", "setup.json"))["eval_task"])
     for ax, name in zip(axes[0], PROXIES):
         s = np.array(first["proxies"][name]["sft_pool"])
         for t in TASKS:
             ax.hist(s[eval_task == t].ravel(), bins=30, alpha=0.55, density=True, label=t)
-        ax.set(title=f"{NAMES[name]}: scores of SFT samples per task\n(world {cfg.worlds[0]}, seed {cfg.seeds[0]}, "
-                     f"matched epoch {first['proxies'][name]['epoch']})", xlabel="proxy score")
+        ax.set_title(f"{NAMES[name]}: scores of SFT samples per task\n(world {cfg.worlds[0]}, seed {cfg.seeds[0]}, "
+                     f"matched epoch {first['proxies'][name]['epoch']})", fontsize=10)
+        ax.set_xlabel("proxy score")
         ax.legend()
     ax = axes[1, 0]
     for (name, color) in zip(PROXIES, ("C0", "C1", "C2")):
         for rec in proxies.values():
             p = rec["proxies"][name]
-            ax.plot([c["val_accuracy"] for c in p["curve"]], [c["test_ece"] for c in p["curve"]], color=color, alpha=0.3)
+            ax.plot([c["val_accuracy"] for c in p["curve"]], [c["test_ece"] for c in p["curve"]], ".", color=color,
+                    alpha=0.35)
             ax.plot(p["val_accuracy"], p["test"]["ece"], "o", color=color, mfc="none", ms=9)
-        ax.plot([], [], color=color, label=NAMES[name])
-    ax.set(title="checkpoints: test ECE vs validation accuracy\n(rings: the matched checkpoints)",
-           xlabel="validation pairwise accuracy", ylabel="test ECE")
+        ax.plot([], [], "o", color=color, label=NAMES[name])
+    ax.set_title("every checkpoint: test ECE vs validation accuracy\n(rings: the matched ones)", fontsize=10)
+    ax.set(xlabel="validation pairwise accuracy", ylabel="test ECE")
     ax.legend(fontsize=8)
     kls = [0.0] + list(cfg.compare_kls)
     tab = analysis["table"]
     for ax, keys, title in ((axes[1, 1], ("win_code", "win_qa"), "per-task gold win rate vs SFT"),
-                            (axes[1, 2], ("gap",), "|win code - win qa|")):
+                            (axes[1, 2], ("gap",), "abs(win code - win qa)")):
         for name, color in zip(PROXIES, ("C0", "C1", "C2")):
             for key, ls in zip(keys, ("-", "--")):
                 start = 0.0 if key == "gap" else 0.5
                 ax.plot(kls, [start] + [np.nan if v is None else v for v in tab[name][key]], ls=ls, marker="o", color=color,
                         label=f"{NAMES[name]}" + (f" / {key[4:]}" if key != "gap" else ""))
-        ax.set(title=f"PPO: {title} (mean over worlds and seeds)", xlabel="KL(policy || SFT)")
+        ax.set_title(f"PPO: {title}\n(mean over worlds and seeds)", fontsize=10)
+        ax.set_xlabel("KL(policy || SFT)")
         ax.legend(fontsize=8)
     return save_figure(fig, os.path.join(out, "am_vs_bt.png"))
 
@@ -434,9 +440,9 @@ def report(cfg: Config, setups: Dict, analysis: Dict, fig: str, timing: Dict) ->
                               for c in analysis["comparisons"] if c not in static])
     if len(cfg.worlds) > 1:
         lines += ["", "Per world (mean paired difference over seeds and prompts / pairs) of the claims' comparisons:", ""]
-        rows = [[c["claim"], c["label"], w] + ["—" if v is None else f"{v:+.3f}" for v in vals]
+        rows = [[c["claim"], c["label"], w, " / ".join("—" if v is None else f"{v:+.3f}" for v in vals)]
                 for c in analysis["comparisons"] if c["claim"] != "info" for w, vals in c["per_world"].items()]
-        lines += paper2.md_table(["claim", "comparison", "world", "value (or at each KL)"], rows)
+        lines += paper2.md_table(["claim", "comparison", "world", "value (PPO rows: at each compared KL)"], rows)
     lines += ["", "## Proxies at their matched checkpoints (means over worlds and seeds)", "",
               "Accuracy and ECE on the test pairs (vs their labels); score mean / std per task on SFT samples of the "
               "eval prompts; last epoch: the same proxies trained to the end.", ""]
@@ -466,13 +472,16 @@ def run(out: str, cfg: Config) -> Dict:
     start = time.time()
     cfg_json = pin_json(os.path.join(out, "config.json"), {k: v for k, v in dataclasses.asdict(cfg).items()
                                                            if k != "workers"}, "am_vs_bt run")
+    exists = lambda *parts: os.path.exists(os.path.join(out, *parts))  # noqa: E731
     setups = dict(zip(cfg.worlds, paper2.run_jobs(setup_world, [(out, cfg, w) for w in cfg.worlds], cfg.workers,
-                                                  "setup (worlds)")))
+                                                  "setup (worlds)", lambda j: exists(f"world{j[2]}", "setup.json"))))
     keys = [(w, s) for w in cfg.worlds for s in cfg.seeds]
     proxies = dict(zip(keys, paper2.run_jobs(train_proxies, [(out, cfg, w, s) for w, s in keys], cfg.workers,
-                                             "proxies (world x seed)")))
+                                             "proxies (world x seed)",
+                                             lambda j: exists(f"world{j[2]}", "proxies", f"s{j[3]}.json"))))
     run_keys = [(w, p, s) for w in cfg.worlds for s in cfg.seeds for p in PROXIES]
-    runs = dict(zip(run_keys, paper2.run_jobs(run_one, [(out, cfg, *k) for k in run_keys], cfg.workers, "PPO runs")))
+    runs = dict(zip(run_keys, paper2.run_jobs(run_one, [(out, cfg, *k) for k in run_keys], cfg.workers, "PPO runs",
+                                              lambda j: os.path.exists(run_path(out, j[2], j[3], j[4])))))
     analysis = analyse(cfg, setups, proxies, runs)
     timing = {"setup_cpu_seconds": sum(s["cpu_seconds"] for s in setups.values()),
               "proxies_cpu_seconds": sum(p["cpu_seconds"] for p in proxies.values()),

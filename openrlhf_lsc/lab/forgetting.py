@@ -386,12 +386,13 @@ def run(out: str, cfg: Config) -> Dict:
     start = time.time()
     cfg_json = pin_json(os.path.join(out, "config.json"), {k: v for k, v in dataclasses.asdict(cfg).items()
                                                            if k != "workers"}, "forgetting run")
-    setups = dict(zip(cfg.worlds, paper2.run_jobs(setup_world, [(out, cfg, w) for w in cfg.worlds], cfg.workers,
-                                                  "setup (worlds)")))
+    setups = dict(zip(cfg.worlds, paper2.run_jobs(
+        setup_world, [(out, cfg, w) for w in cfg.worlds], cfg.workers, "setup (worlds)",
+        lambda j: os.path.exists(os.path.join(out, f"world{j[2]}", "setup.json")))))
     keys = [(w, a["name"], s) for w in cfg.worlds for s in cfg.seeds for a in arms(cfg.gammas)]
     by_name = {a["name"]: a for a in arms(cfg.gammas)}
     runs = dict(zip(keys, paper2.run_jobs(run_one, [(out, cfg, w, by_name[a], s) for w, a, s in keys], cfg.workers,
-                                          "PPO runs")))
+                                          "PPO runs", lambda j: os.path.exists(run_path(out, j[2], j[3]["name"], j[4])))))
     analysis = analyse(cfg, setups, runs)
     timing = {"setup_cpu_seconds": sum(s["cpu_seconds"] for s in setups.values()),
               "runs_cpu_seconds": sum(r["cpu_seconds"] for r in runs.values()), "wall_seconds": time.time() - start}

@@ -16,16 +16,20 @@ from tqdm.auto import tqdm
 from openrlhf_lsc.lab import stats
 
 
-def run_jobs(fn: Callable, jobs: Sequence, workers: int, desc: str) -> List:
+def run_jobs(fn: Callable, jobs: Sequence, workers: int, desc: str, done: Callable[[object], bool]) -> List:
     """`fn(job)` for every job, `workers` processes side by side (spawned: each imports torch afresh), or in this
-    process when `workers` <= 1; results in the order of `jobs`."""
-    if workers <= 1 or len(jobs) <= 1:
-        return [fn(j) for j in tqdm(jobs, desc=desc)]
-    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(fn, j) for j in jobs]
-        for _ in tqdm(cf.as_completed(futures), total=len(futures), desc=desc):
-            pass
-        return [f.result() for f in futures]
+    process when `workers` <= 1; jobs for which `done(job)` holds (their output is on disk: `fn` only reads it) run
+    here, so a resumed run starts no processes for them. Results in the order of `jobs`."""
+    todo = [i for i, j in enumerate(jobs) if not done(j)]
+    results = {i: fn(j) for i, j in enumerate(jobs) if i not in set(todo)}
+    if workers <= 1 or len(todo) <= 1:
+        results.update({i: fn(jobs[i]) for i in tqdm(todo, desc=desc)})
+    else:
+        with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(fn, jobs[i]): i for i in todo}
+            for f in tqdm(cf.as_completed(futures), total=len(futures), desc=desc):
+                results[futures[f]] = f.result()
+    return [results[i] for i in range(len(jobs))]
 
 
 def win_rate_vs(policy_gold: np.ndarray, sft_gold: np.ndarray) -> np.ndarray:
