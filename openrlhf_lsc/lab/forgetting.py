@@ -300,7 +300,11 @@ def analyse(cfg: Config, setups: Dict[int, Dict], runs: Dict[Tuple[int, str, int
                       **{k: float(np.mean([np.mean(r["end"][k]) for r in rs])) for k in MEASURED},
                       **{f"{k}_start": float(np.mean([r["curve"][0][k] for r in rs])) for k in TRACKED},
                       **{f"{k}_end": float(np.mean([r["curve"][-1][k] for r in rs])) for k in TRACKED}})
-    return {"comparisons": rows, "claims": paper2.claim_verdicts(claims(cfg.gammas, m), rows), "table": table}
+    # How much of each rehearsal set PPO also trains on (the selected D_R is the top of its clusters, PPO the bottom).
+    overlap = {kind: float(np.mean([np.isin(r["d_r_rows"], setups[w]["ppo_rows"]).mean() for (w, a, _), r in runs.items()
+                                    if a.startswith(f"select+{kind}")])) for kind in ("rehearse", "random")}
+    return {"comparisons": rows, "claims": paper2.claim_verdicts(claims(cfg.gammas, m), rows), "table": table,
+            "d_r_in_ppo_set": overlap}
 
 
 def plot(out: str, cfg: Config, runs: Dict, analysis: Dict) -> str:
@@ -310,8 +314,9 @@ def plot(out: str, cfg: Config, runs: Dict, analysis: Dict) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(TRACKED) + 1, figsize=(4.2 * (len(TRACKED) + 1), 3.8))
-    for ax, key in zip(axes, TRACKED):
+    fig = plt.figure(figsize=(18, 10), constrained_layout=True)
+    top, bottom = fig.subfigures(2, 1, height_ratios=(1, 1.1))  # each lays out on its own: long labels below
+    for i, (key, ax) in enumerate(zip(TRACKED, top.subplots(1, len(TRACKED)))):
         for arm in arms(cfg.gammas):
             rs = [runs[(w, arm["name"], s)] for w in cfg.worlds for s in cfg.seeds]
             steps = [p["step"] for p in rs[0]["curve"]]
@@ -319,9 +324,10 @@ def plot(out: str, cfg: Config, runs: Dict, analysis: Dict) -> str:
                     ls="-" if arm["d_r"] != "random" else "--")
         ax.set_xlabel("PPO step")
         ax.set_title(key.replace("_", " ") + {"heldout_nll": " (held-out expert set)", "rehearsal_nll": " (own D_R)"}
-                     .get(key, f" (first {cfg.track_prompts} eval prompts)"), fontsize=9)
-    axes[0].legend(fontsize=7)
-    ax = axes[-1]
+                     .get(key, f" (first {cfg.track_prompts} eval prompts)"), fontsize=10)
+        if i == 0:
+            ax.legend(fontsize=8)
+    ax = bottom.subplots()
     rows = [r for r in analysis["comparisons"] if r["label"].startswith("held-out NLL")]
     for y, r in enumerate(rows):
         p = r["per_target"][0]
@@ -329,9 +335,10 @@ def plot(out: str, cfg: Config, runs: Dict, analysis: Dict) -> str:
         ax.errorbar(p["mean"], y, xerr=[[p["mean"] - lo], [hi - p["mean"]]], fmt="o", capsize=3,
                     color="C3" if r["claim"] != "info" else "gray")
     ax.axvline(0, color="k", lw=0.8)
-    ax.set_yticks(range(len(rows)), [r["label"].split(": ", 1)[1] for r in rows], fontsize=6)
+    ax.set_yticks(range(len(rows)), [f"{r['claim']}: {r['label'].split(': ', 1)[1]}" for r in rows], fontsize=8)
     ax.invert_yaxis()
-    ax.set_title("held-out NLL, A - B (> 0: B forgets less), 95% intervals", fontsize=9)
+    ax.set_title("held-out expert NLL at the end, A - B (> 0: B forgets less); 95% paired bootstrap intervals, claims in red",
+                 fontsize=10)
     return save_figure(fig, os.path.join(out, "forgetting.png"))
 
 
@@ -350,7 +357,8 @@ def report(cfg: Config, setups: Dict, analysis: Dict, fig: str, timing: Dict) ->
              f"{np.mean([score(s, s['ppo_rows']) for s in setups.values()]):.3f}); D_R = top {cfg.rehearsal_k} expert pairs per "
              f"cluster ({n_dr:.0f} pairs, mean score {np.mean([score(s, s['rehearsal_rows']) for s in setups.values()]):.3f}); "
              "random D_R: per cluster the same number of pairs drawn from the cluster's other pairs, redrawn per world and "
-             "seed (`random_rehearsal`)",
+             "seed (`random_rehearsal`); share of D_R prompts that are also PPO prompts: selected "
+             f"{analysis['d_r_in_ppo_set']['rehearse']:.2f}, random {analysis['d_r_in_ppo_set']['random']:.2f}",
              f"- measured at the end on the {len(first['gold_sft'])} eval prompts (no arm trains on them): forgetting = "
              f"per-token NLL of {cfg.heldout_demos} fresh expert answers per prompt; reward = gold helpfulness win rate vs "
              f"{cfg.sft_pool} SFT samples per prompt ({cfg.eval_samples} policy samples per prompt)",
