@@ -33,8 +33,13 @@ def test_random_rehearsal_hand_examples():
     # Uniform: each of the 3 candidates of cluster 0 is drawn with probability 2/3 (600 draws: 400 +- 11.5 sd).
     counts = {r: sum(r in d for d in draws) for r in (2, 3, 4)}
     assert all(abs(c - 400) < 50 for c in counts.values()), counts
-    with pytest.raises(ValueError, match="cluster 0 has 3 rows, 2 of them selected"):
+    with pytest.raises(ValueError, match="cluster 0 has 3 rows, 2 of them selected and 1 free to draw"):
         forgetting.random_rehearsal([0, 0, 0, 1, 1], [0, 1, 3], seed=0)
+    # Barred rows (e.g. the PPO prompts) are never drawn: one cluster, 2 selected, rows 2..6 minus barred 2, 4, 5
+    # leave {3, 6}, both drawn.
+    assert forgetting.random_rehearsal([0] * 7, [0, 1], seed=9, exclude=[2, 4, 5]) == [3, 6]
+    with pytest.raises(ValueError, match="7 rows, 2 of them selected and 1 free to draw"):
+        forgetting.random_rehearsal([0] * 7, [0, 1], seed=9, exclude=[2, 3, 4, 5])
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,8 @@ def test_files_plot_and_finite_numbers(smoke):
     img = matplotlib.image.imread(os.path.join(out, "forgetting.png"))
     assert img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0
     assert all(math.isfinite(x) for x in numbers(results))
-    names = ["stock", "select"] + [f"{a} g={g:g}" for g in CFG.gammas for a in ("select+rehearse", "select+random", "rehearse")]
+    names = ["stock", "select"] + [f"{a} g={g:g}" for g in CFG.gammas
+                                   for a in ("select+rehearse", "select+random", "select+random-nonppo", "rehearse")]
     assert [r["arm"] for r in results["table"]] == names
     assert len(results["runs"]) == len(names) * len(CFG.seeds) * len(CFG.worlds)
     steps = CFG.ppo["steps"]
@@ -67,7 +73,8 @@ def test_rehearsal_hook_and_rehearsal_sets(smoke):
     runs = {(r["arm"], r["seed"]): r for r in results["runs"]}
     history = lambda arm, s: forgetting.read_json(forgetting.run_path(out, 0, arm, s))["history"]  # noqa: E731
     for s in CFG.seeds:
-        for arm, same in (("select+rehearse g=0", "select"), ("select+random g=0", "select"), ("rehearse g=0", "stock")):
+        for arm, same in (("select+rehearse g=0", "select"), ("select+random g=0", "select"),
+                          ("select+random-nonppo g=0", "select"), ("rehearse g=0", "stock")):
             assert history(arm, s) == history(same, s)
             assert runs[(arm, s)]["end"] == runs[(same, s)]["end"]
         assert runs[("stock", s)]["curve"][0] == runs[("select", s)]["curve"][0]  # both start from the SFT policy
@@ -76,6 +83,8 @@ def test_rehearsal_hook_and_rehearsal_sets(smoke):
         rnd = runs[("select+random g=1", s)]["d_r_rows"]
         assert len(rnd) == len(sel["rehearsal_rows"]) and not set(rnd) & set(sel["rehearsal_rows"])
         assert sorted(clusters[rnd].tolist()) == sorted(clusters[sel["rehearsal_rows"]].tolist())
+        off = runs[("select+random-nonppo g=1", s)]["d_r_rows"]
+        assert len(off) == len(sel["rehearsal_rows"]) and not set(off) & (set(sel["rehearsal_rows"]) | set(sel["ppo_rows"]))
         assert runs[("select", s)]["n_prompts"] == len(sel["ppo_rows"]) < runs[("stock", s)]["n_prompts"]
     assert runs[("select+random g=1", 0)]["d_r_rows"] != runs[("select+random g=1", 1)]["d_r_rows"]
 

@@ -12,7 +12,9 @@ the raw helpfulness proxy (`lab.ppo`, fixed KL coefficient, the same steps for e
   `extra_loss`), the paper's method;
 - `select+random g=<gamma>`: the selected prompts + gamma * NLL of a random D_R of the same size
   (`random_rehearsal`: per cluster as many pairs as D_R holds there, drawn from the cluster's pairs outside D_R,
-  redrawn for every world and seed);
+  redrawn for every world and seed; most of them are prompts PPO trains on);
+- `select+random-nonppo g=<gamma>`: the same with a random D_R drawn from the training prompts outside D_R and outside
+  the PPO set (not stratified by cluster: small clusters have too few such prompts);
 - `rehearse g=<gamma>`: every training prompt + gamma * NLL(D_R) (rehearsal without selection).
 At the end each run is measured per eval prompt (prompts no arm trains on): forgetting = the NLL of a held-out
 expert set (fresh demonstrations on the eval prompts, `heldout_demos` each); reward = the gold helpfulness win rate
@@ -77,24 +79,26 @@ PRESETS = {
 
 def arms(gammas: Sequence[float]) -> List[Dict]:
     """The arms: name, whether PPO gets the selected prompts only, which D_R is rehearsed (None, "selected",
-    "random") and gamma."""
+    "random", "random-nonppo") and gamma."""
     out = [{"name": "stock", "select": False, "d_r": None, "gamma": 0.0},
            {"name": "select", "select": True, "d_r": None, "gamma": 0.0}]
     for g in gammas:
         out += [{"name": f"select+rehearse g={g:g}", "select": True, "d_r": "selected", "gamma": g},
                 {"name": f"select+random g={g:g}", "select": True, "d_r": "random", "gamma": g},
+                {"name": f"select+random-nonppo g={g:g}", "select": True, "d_r": "random-nonppo", "gamma": g},
                 {"name": f"rehearse g={g:g}", "select": False, "d_r": "selected", "gamma": g}]
     return out
 
 
-def random_rehearsal(clusters: Sequence[int], selected: Sequence[int], seed: int) -> List[int]:
+def random_rehearsal(clusters: Sequence[int], selected: Sequence[int], seed: int, exclude: Sequence[int] = ()) -> List[int]:
     """A random rehearsal set of the same size as `selected`: per cluster as many rows as `selected` has there, drawn
-    uniformly without replacement from the cluster's rows outside `selected` (so the two sets are disjoint).
+    uniformly without replacement from the cluster's rows outside `selected` and `exclude` (so the sets are disjoint).
 
     Args:
-        clusters: `[N]` cluster id of every row.
+        clusters: `[N]` cluster id of every row (all equal: one draw from every row, not stratified).
         selected: the selected rehearsal rows (e.g. `Selection.rehearsal`).
         seed: numpy seed of the draw (the same seed gives the same rows).
+        exclude: rows that may not be drawn either (e.g. the PPO prompts).
 
     Returns:
         The drawn rows, cluster by cluster (ascending within a cluster).
@@ -104,16 +108,17 @@ def random_rehearsal(clusters: Sequence[int], selected: Sequence[int], seed: int
         [1, 3]
     """
     clusters = np.asarray(clusters)
-    chosen = set(int(r) for r in selected)
+    chosen, barred = set(int(r) for r in selected), set(int(r) for r in selected) | set(int(r) for r in exclude)
     rng = np.random.default_rng(seed)
     out = []
     for c in np.unique(clusters):
         rows = np.flatnonzero(clusters == c)
         k = sum(int(r) in chosen for r in rows)
-        pool = np.array([r for r in rows if int(r) not in chosen], dtype=int)
+        pool = np.array([r for r in rows if int(r) not in barred], dtype=int)
         if k > len(pool):
-            raise ValueError(f"cluster {c} has {len(rows)} rows, {k} of them selected: too few left for a disjoint random "
-                             "rehearsal set of the same size; lower rehearsal_k or n_clusters")
+            raise ValueError(f"cluster {c} has {len(rows)} rows, {k} of them selected and {len(pool)} free to draw (not "
+                             "selected, not excluded): too few for a disjoint random rehearsal set of the same size; lower "
+                             "rehearsal_k or n_clusters")
         out += sorted(rng.choice(pool, size=k, replace=False).tolist()) if k else []
     return out
 
@@ -203,8 +208,13 @@ def run_one(job: Tuple[str, Config, int, Dict, int]) -> Dict:
     evals = lab.eval_prompts
     held_ids = models.encode_prompts([p.text for p in evals for _ in range(cfg.heldout_demos)])
     held_demo = models.encode_responses(setup["heldout_demo"])
-    d_r_rows = {"selected": setup["rehearsal_rows"], None: setup["rehearsal_rows"],  # None: tracked, not trained on
-                "random": random_rehearsal(setup["clusters"], setup["rehearsal_rows"], seed=1000 * w + s)}[arm["d_r"]]
+    if arm["d_r"] == "random":
+        d_r_rows = random_rehearsal(setup["clusters"], setup["rehearsal_rows"], seed=1000 * w + s)
+    elif arm["d_r"] == "random-nonppo":
+        d_r_rows = random_rehearsal([0] * len(setup["clusters"]), setup["rehearsal_rows"], seed=1000 * w + s,
+                                    exclude=setup["ppo_rows"])
+    else:  # the selected D_R (tracked but not trained on without rehearsal)
+        d_r_rows = setup["rehearsal_rows"]
     d_r = (train_ids[d_r_rows], train_demo[d_r_rows])
     track = evals[: cfg.track_prompts]
     track_ids = models.encode_prompts([p.text for p in track])
@@ -261,7 +271,7 @@ def claims(gammas: Sequence[float], margin: float) -> Dict[str, str]:
     for g in gammas:
         out[f"F1 g={g:g}"] = "selective rehearsal reduces forgetting: lower held-out expert NLL than stock"
         out[f"F2 g={g:g}"] = ("selective rehearsal reduces forgetting more than random rehearsal of the same size: lower "
-                              "held-out expert NLL than select+random")
+                              "held-out expert NLL than select+random and select+random-nonppo")
         out[f"F3 g={g:g}"] = (f"selective rehearsal costs no reward: gold win rate vs SFT at most {margin:g} below "
                               "stock's")
     return out
@@ -279,10 +289,12 @@ def analyse(cfg: Config, setups: Dict[int, Dict], runs: Dict[Tuple[int, str, int
             c("info", "win rate: select - stock", win("select"), win("stock"), n, 2, margin=m)]
     for i, g in enumerate(cfg.gammas):
         sr, rnd, reh = f"select+rehearse g={g:g}", f"select+random g={g:g}", f"rehearse g={g:g}"
-        k = 10 * (i + 1)
+        off = f"select+random-nonppo g={g:g}"
+        k = 20 * (i + 1)
         rows += [
             c(f"F1 g={g:g}", f"held-out NLL: stock - {sr}", nll("stock"), nll(sr), n, k),
             c(f"F2 g={g:g}", f"held-out NLL: {rnd} - {sr}", nll(rnd), nll(sr), n, k + 1),
+            c(f"F2 g={g:g}", f"held-out NLL: {off} - {sr}", nll(off), nll(sr), n, k + 10),
             c(f"F3 g={g:g}", f"win rate: {sr} - stock", win(sr), win("stock"), n, k + 2, margin=m),
             c("info", f"held-out NLL: select - {sr} (rehearsal on top of selection)", nll("select"), nll(sr), n, k + 3),
             c("info", f"held-out NLL: stock - {reh} (rehearsal without selection)", nll("stock"), nll(reh), n, k + 4),
@@ -302,7 +314,7 @@ def analyse(cfg: Config, setups: Dict[int, Dict], runs: Dict[Tuple[int, str, int
                       **{f"{k}_end": float(np.mean([r["curve"][-1][k] for r in rs])) for k in TRACKED}})
     # How much of each rehearsal set PPO also trains on (the selected D_R is the top of its clusters, PPO the bottom).
     overlap = {kind: float(np.mean([np.isin(r["d_r_rows"], setups[w]["ppo_rows"]).mean() for (w, a, _), r in runs.items()
-                                    if a.startswith(f"select+{kind}")])) for kind in ("rehearse", "random")}
+                                    if a.startswith(f"select+{kind} ")])) for kind in ("rehearse", "random", "random-nonppo")}
     return {"comparisons": rows, "claims": paper2.claim_verdicts(claims(cfg.gammas, m), rows), "table": table,
             "d_r_in_ppo_set": overlap}
 
@@ -321,7 +333,7 @@ def plot(out: str, cfg: Config, runs: Dict, analysis: Dict) -> str:
             rs = [runs[(w, arm["name"], s)] for w in cfg.worlds for s in cfg.seeds]
             steps = [p["step"] for p in rs[0]["curve"]]
             ax.plot(steps, np.mean([[p[key] for p in r["curve"]] for r in rs], 0), marker=".", label=arm["name"],
-                    ls="-" if arm["d_r"] != "random" else "--")
+                    ls="--" if str(arm["d_r"]).startswith("random") else "-")
         ax.set_xlabel("PPO step")
         ax.set_title(key.replace("_", " ") + {"heldout_nll": " (held-out expert set)", "rehearsal_nll": " (own D_R)"}
                      .get(key, f" (first {cfg.track_prompts} eval prompts)"), fontsize=10)
@@ -356,9 +368,11 @@ def report(cfg: Config, setups: Dict, analysis: Dict, fig: str, timing: Dict) ->
              f"{len(first['clusters'])} training prompts on average, mean expert score "
              f"{np.mean([score(s, s['ppo_rows']) for s in setups.values()]):.3f}); D_R = top {cfg.rehearsal_k} expert pairs per "
              f"cluster ({n_dr:.0f} pairs, mean score {np.mean([score(s, s['rehearsal_rows']) for s in setups.values()]):.3f}); "
-             "random D_R: per cluster the same number of pairs drawn from the cluster's other pairs, redrawn per world and "
-             "seed (`random_rehearsal`); share of D_R prompts that are also PPO prompts: selected "
-             f"{analysis['d_r_in_ppo_set']['rehearse']:.2f}, random {analysis['d_r_in_ppo_set']['random']:.2f}",
+             "random D_R (`random_rehearsal`, redrawn per world and seed): per cluster the same number of pairs drawn from the "
+             "cluster's other pairs (`select+random`), or the same number drawn from the training prompts outside D_R and "
+             "the PPO set (`select+random-nonppo`); share of D_R prompts that are also PPO prompts: selected "
+             f"{analysis['d_r_in_ppo_set']['rehearse']:.2f}, random {analysis['d_r_in_ppo_set']['random']:.2f}, "
+             f"random-nonppo {analysis['d_r_in_ppo_set']['random-nonppo']:.2f}",
              f"- measured at the end on the {len(first['gold_sft'])} eval prompts (no arm trains on them): forgetting = "
              f"per-token NLL of {cfg.heldout_demos} fresh expert answers per prompt; reward = gold helpfulness win rate vs "
              f"{cfg.sft_pool} SFT samples per prompt ({cfg.eval_samples} policy samples per prompt)",
