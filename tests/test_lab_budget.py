@@ -195,6 +195,7 @@ def budget(tmp_path_factory):
     return out, run_budget(out, dataclasses.replace(SMOKE, workers=2))
 
 
+@pytest.mark.slow
 def test_budget_smoke_writes_the_report_with_every_table(budget):
     out, results = budget
     report = open(os.path.join(out, "report.md")).read()
@@ -212,6 +213,7 @@ def test_budget_smoke_writes_the_report_with_every_table(budget):
     assert rec["history"][0]["lsc/scale"] == rec["history"][-1]["lsc/scale"] != 1.0
 
 
+@pytest.mark.slow
 def test_budget_resume_keeps_finished_runs_and_refuses_another_config(budget):
     out, _ = budget
     runs = budget_runs(SMOKE)
@@ -231,6 +233,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ray_runner_gives_the_process_pool_s_results(budget, tmp_path):
     """A run of the smoke protocol as a task of a local Ray head (2 CPUs) started here equals the process pool's."""
     out, _ = budget

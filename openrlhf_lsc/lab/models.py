@@ -209,10 +209,11 @@ def train_sft(policy: LlamaForCausalLM, prompts: Sequence[world.Prompt], demos: 
 
 def train_reward_model(rm: RewardModel, prompt_ids: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor,
                        epochs: int, lr: float, batch: int, seed: int, desc: str = "RM",
-                       loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor, List[int]], torch.Tensor]] = None
-                       ) -> List[float]:
+                       loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor, List[int]], torch.Tensor]] = None,
+                       on_epoch: Optional[Callable[[int, RewardModel], None]] = None) -> List[float]:
     """Pairwise training, by default Bradley-Terry: loss -log sigmoid(r_chosen - r_rejected) (OpenRLHF's PairWiseLoss);
-    `loss_fn(r_chosen, r_rejected, pair indices)` replaces it. Returns epoch losses."""
+    `loss_fn(r_chosen, r_rejected, pair indices)` replaces it; `on_epoch(epoch, rm)` runs after each epoch (1, 2, ...;
+    e.g. to evaluate and keep checkpoints; `rm` is back in training mode after it). Returns epoch losses."""
     opt = torch.optim.Adam(rm.parameters(), lr=lr)
     rng = random.Random(seed)
     order = list(range(len(chosen)))
@@ -235,6 +236,9 @@ def train_reward_model(rm: RewardModel, prompt_ids: torch.Tensor, chosen: torch.
             opt.step()
             total += loss.item() * len(idx)
         losses.append(total / len(order))
+        if on_epoch is not None:
+            on_epoch(len(losses), rm)
+            rm.train()
     rm.eval()
     return losses
 

@@ -97,21 +97,25 @@ def bootstrap(per_world: Sequence[np.ndarray], n: int = 2000, seed: int = 0, lev
     return {"mean": point, "lo": float(lo), "hi": float(hi)}
 
 
-def verdict(intervals: Sequence[Optional[Tuple[float, float]]]) -> str:
+def verdict(intervals: Sequence[Optional[Tuple[float, float]]], margin: float = 0.0) -> str:
     """"A >= B at every KL" from intervals of A - B at each target KL (None where a target was not reached).
 
-    reproduced: no interval lies wholly below 0 and at least one lies wholly above 0;
-    not reproduced: some interval lies wholly below 0;
-    inconclusive: every interval contains 0 (or no target was reached).
+    reproduced: no interval lies wholly below -margin and at least one lies wholly above -margin;
+    not reproduced: some interval lies wholly below -margin;
+    inconclusive: every interval contains -margin (or no target was reached).
+    `margin` > 0 turns "A is better than B" into "A is not worse than B by more than margin" (non-inferiority,
+    e.g. "rehearsal costs no reward"); with one interval this is the usual test of a confidence interval.
 
     Example:
         >>> verdict([(-0.1, 0.2), (0.01, 0.3)])
         'reproduced'
+        >>> verdict([(-0.01, 0.02)], margin=0.02)
+        'reproduced'
     """
     seen = [iv for iv in intervals if iv is not None]
-    if any(hi < 0 for _, hi in seen):
+    if any(hi < -margin for _, hi in seen):
         return "not reproduced"
-    if any(lo > 0 for lo, _ in seen):
+    if any(lo > -margin for lo, _ in seen):
         return "reproduced"
     return "inconclusive"
 
