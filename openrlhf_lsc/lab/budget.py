@@ -25,7 +25,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import transformers
 
 from openrlhf_lsc.lab import ppo, stats
 from openrlhf_lsc.lab.analysis import timing
@@ -33,7 +32,7 @@ from openrlhf_lsc.lab.config import MONITOR_NOISE, PRESETS, PROPERTIES, LabConfi
 from openrlhf_lsc.lab.evaluation import evaluate, sft_point
 from openrlhf_lsc.lab.files import write_json, write_text
 from openrlhf_lsc.lab.run_specs import and_set, make_run, single_method
-from openrlhf_lsc.lab.runner import lab_prompt_ids, monitored, run_all, run_path, setup_all
+from openrlhf_lsc.lab.runner import begin_run, lab_prompt_ids, monitored, reward_pipeline, run_all, run_path, setup_all
 from openrlhf_lsc.lab.world_setup import load_world
 from openrlhf_lsc.rewards import PAR_M
 
@@ -125,18 +124,11 @@ def budget_runs(cfg: BudgetConfig) -> List[Dict]:
 
 def run_budget_one(out: str, cfg: BudgetConfig, run: Dict, progress: bool = True) -> str:
     """Train one run at its fixed beta for the step budget, evaluating every `eval_every` steps; write its JSON."""
-    torch.set_num_threads(1)
-    if not progress:
-        transformers.utils.logging.disable_progress_bar()
-    target = run_path(out, run)
+    target = begin_run(out, run, progress)
     if os.path.exists(target):
         return target
     lab, sft, rms, refs, pools, thr = load_world(out, cfg, run["world"])
-    n_train = refs["train_prompts"]
-    labels = refs["labels"][run["label_set"]][:n_train] if run["label_set"] else [{}] * n_train
-    pipeline = ppo.RewardPipeline([rms[p] for p in run["properties"]], run["properties"], labels, run["transform"],
-                                  run["aggregate"], run["weights"], run["label_key"] or ppo.LABEL_KEY, run["scale"],
-                                  cfg.par_m if run["transform"] == "par" else None)
+    pipeline = reward_pipeline(run, rms, refs, cfg.par_m)
     pcfg = ppo.PPOConfig(**{**cfg.ppo, "kl_coef": run["beta"]})
     prompts, rows = eval_split(lab, cfg)
     thr_split = {k: v[rows] for k, v in thr.items()}

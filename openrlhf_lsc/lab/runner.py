@@ -39,17 +39,11 @@ def utility_std(run: Dict, refs: Dict, pools: Dict) -> float:
 
 def run_one(out: str, cfg: LabConfig, run: Dict, progress: bool = True) -> str:
     """Train one PPO run up the KL staircase, evaluating at the end of every stair; write its JSON. Returns the path."""
-    torch.set_num_threads(1)  # tiny models: one thread per run is as fast, and runs go side by side
-    if not progress:
-        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of from_pretrained
-    target = run_path(out, run)
+    target = begin_run(out, run, progress)
     if os.path.exists(target):
         return target
     lab, sft, rms, refs, pools, thr = load_world(out, cfg, run["world"])
-    n_train = refs["train_prompts"]
-    labels = refs["labels"][run["label_set"]][:n_train] if run["label_set"] else [{}] * n_train
-    pipeline = ppo.RewardPipeline([rms[p] for p in run["properties"]], run["properties"], labels,
-                                  run["transform"], run["aggregate"], run["weights"], run["label_key"] or ppo.LABEL_KEY)
+    pipeline = reward_pipeline(run, rms, refs)
     std = utility_std(run, refs, pools)
     pcfg = ppo.PPOConfig(**{**cfg.ppo, "kl_coef": cfg.kl_start * std, "kl_targets": tuple(cfg.kl_targets)})
     prompts, rows = lab.split(run["split"])
@@ -73,6 +67,24 @@ def run_one(out: str, cfg: LabConfig, run: Dict, progress: bool = True) -> str:
                         "monitor": {**monitor.summary(), "noise_sd": MONITOR_NOISE, "gold_sft_sd": gold_sd},
                         "seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu})
     return target
+
+
+def begin_run(out: str, run: Dict, progress: bool) -> str:
+    """The path of a run's JSON (it exists when the run is done: a resume skips it); one CPU thread per run."""
+    torch.set_num_threads(1)  # tiny models: one thread per run is as fast, and runs go side by side
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of from_pretrained
+    return run_path(out, run)
+
+
+def reward_pipeline(run: Dict, rms: Dict, refs: Dict, par_m: Optional[int] = None) -> ppo.RewardPipeline:
+    """The plugin's reward pipeline a run optimises: its properties' proxies, reference labels, transform,
+    aggregation, weights and (budget runs) `--lsc.scale` and PAR's M."""
+    n_train = refs["train_prompts"]
+    labels = refs["labels"][run["label_set"]][:n_train] if run["label_set"] else [{}] * n_train
+    return ppo.RewardPipeline([rms[p] for p in run["properties"]], run["properties"], labels, run["transform"],
+                              run["aggregate"], run["weights"], run["label_key"] or ppo.LABEL_KEY, run.get("scale"),
+                              par_m if run["transform"] == "par" else None)
 
 
 def monitored(run: Dict, lab: Lab, pools: Dict) -> Tuple[Monitor, Callable, Dict[str, float]]:

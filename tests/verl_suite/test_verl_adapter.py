@@ -4,7 +4,6 @@ loop's `RewardLoopWorker`, verl's `compute_advantage`, verl's reward-model route
 Run: `.venv-verl/bin/python -m pytest -q --confcutdir tests/verl_suite tests/verl_suite` (tests/test_verl.py does).
 """
 
-import json
 import os
 import socket
 import subprocess
