@@ -89,6 +89,24 @@ def test_one_reward_model_every_monotone_transform_picks_the_same(rows, referenc
     assert picks["raw"] == first_max(np.array(rows)).tolist()
 
 
+def test_par_reranks_by_the_mean_sigmoid_over_m_sft_scores():
+    # PAR (Fu et al. 2025, k = 1): u = sum over reward models of (1/M) sum_m sigmoid(r - r_ref,m), by hand with numpy.
+    scores = np.array([[[0.5, 2.0], [1.5, -1.0], [1.0, 1.0]], [[-1.0, 0.0], [0.0, -1.0], [3.0, -4.0]]])
+    par = [[[0.0, 1.0, 2.0, 9.0], [-1.0, 0.0, 0.5, 9.0]], [[0.5, 0.5, 1.0, 9.0], [-2.0, 1.0, 3.0, 9.0]]]  # [P, K, 4]
+    labels = [{n: {"reference": 0.0, "par_scores": par[i][j]} for j, n in enumerate(("h", "s"))} for i in range(2)]
+    spec = RewardSpec(names=("h", "s"), transform="par", reference="label", par_m=3)  # the 4th score is not read
+    chosen, u = rerank(torch.tensor(scores), spec, labels)
+    refs = np.array(par)[:, None, :, :3]  # [P, 1, K, M]
+    expected = (1 / (1 + np.exp(-(scores[..., None] - refs)))).mean(-1).sum(-1)
+    np.testing.assert_allclose(u.numpy(), expected, rtol=1e-12)
+    assert chosen.tolist() == expected.argmax(1).tolist()
+    assert not torch.allclose(rerank(torch.tensor(scores), RewardSpec(names=("h", "s"), transform="par",
+                                                                      reference="label", par_m=4), labels)[1], u)
+    short = [labels[0], {n: {"par_scores": [0.0, 1.0]} for n in ("h", "s")}]
+    with pytest.raises(ValueError, match="prompt 1"):
+        rerank(torch.tensor(scores), spec, short)
+
+
 def test_ties_pick_the_first_candidate():
     spec = RewardSpec(names=("a",))
     scores = torch.tensor([[[1.0], [1.0], [1.0]], [[0.0], [2.0], [2.0]], [[3.0], [1.0], [3.0]]])

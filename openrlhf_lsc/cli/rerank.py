@@ -33,7 +33,7 @@ from openrlhf_lsc.cli.common import (
 )
 from openrlhf_lsc.estimate import sample_and_score
 from openrlhf_lsc.files import write_atomic
-from openrlhf_lsc.references import references_from_labels
+from openrlhf_lsc.references import par_references_from_labels, references_from_labels
 from openrlhf_lsc.rerank import rerank
 from openrlhf_lsc.rewards import RewardSpec
 
@@ -112,7 +112,10 @@ def finish(records: List[Dict[str, Any]], spec: RewardSpec, labels: Optional[Lis
             continue
         if spec.reference == "label":
             try:
-                references_from_labels([labels[i]], names, spec.label_key, [where[i]])
+                if spec.par_m is not None:  # par reads M SFT scores per reward model instead of one reference
+                    par_references_from_labels([labels[i]], names, spec.label_key, spec.par_m, [where[i]])
+                else:
+                    references_from_labels([labels[i]], names, spec.label_key, [where[i]])
             except ValueError as e:
                 results[i] = {"error": str(e)}
                 continue

@@ -49,12 +49,14 @@ def load_rows(dataset: str, flag: str, split: str = "train", max_count: int = in
         ValueError naming the flag and the file.
     """
     from datasets import Dataset
+    from datasets import utils as ds_utils
     from openrlhf.datasets.utils import blending_datasets
 
     quiet = SimpleNamespace(print=lambda *a, **k: None, is_rank_0=lambda: False, args=SimpleNamespace(use_ms=False))
     log = logging.getLogger("datasets")  # its loaders log the errors we report below, in one line
-    level = log.level
+    level, bars = log.level, ds_utils.are_progress_bars_disabled()
     log.setLevel(logging.CRITICAL)
+    ds_utils.disable_progress_bars()  # "Generating train split" would come before a one-line error
     try:
         rows = blending_datasets(dataset, None, quiet, max_count=max_count, dataset_split=split)
     except UnicodeDecodeError as e:
@@ -70,6 +72,8 @@ def load_rows(dataset: str, flag: str, split: str = "train", max_count: int = in
         raise ValueError(f"{flag} {dataset}: cannot load it as a dataset: {_first_line(cause)}") from None
     finally:
         log.setLevel(level)
+        if not bars:
+            ds_utils.enable_progress_bars()
     if not isinstance(rows, Dataset):
         raise ValueError(f"{flag} {dataset}: no split {split!r}")
     if len(rows) == 0:
