@@ -36,8 +36,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--protocol", choices=("matched-kl", "budget"), default="matched-kl",
                    help="matched-kl (default): methods compared at the same KL, up a KL staircase; budget: every method "
                         "at the same fixed KL coefficients and step budget, judged at the last checkpoint (with "
-                        "--full, the default there: 5 worlds x 3 PPO seeds, under 150 min on 2 idle cores; --quick: "
-                        "one world, a few methods and coefficients)")
+                        "--full, the default there: 5 worlds x 3 PPO seeds, about 2 h on 2 cores from its measured "
+                        "CPU time; --quick: one world, a few methods and coefficients)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
                       help="one world: helpfulness raw vs lsc, AND vs 3 weights / 3 reference settings, 2 PPO seeds "
