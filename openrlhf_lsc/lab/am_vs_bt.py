@@ -42,7 +42,7 @@ from openrlhf_lsc.files import write_atomic  # noqa: E402
 from openrlhf_lsc.lab import models, paper2, ppo, stats  # noqa: E402
 from openrlhf_lsc.lab.config import PRESETS as LAB_PRESETS  # noqa: E402
 from openrlhf_lsc.lab.evaluation import gold_scores  # noqa: E402
-from openrlhf_lsc.lab.files import pin_json, read_json, save_figure, save_model_dir, write_json, write_text  # noqa: E402
+from openrlhf_lsc.lab.files import read_json, save_figure, save_model_dir, write_json, write_text  # noqa: E402
 from openrlhf_lsc.lab.world_setup import Lab  # noqa: E402
 
 TASKS = {"code": ("code", "bike", "home", "money"), "qa": ("cooking", "garden", "travel", "health")}
@@ -468,13 +468,8 @@ def report(cfg: Config, setups: Dict, analysis: Dict, fig: str, timing: Dict) ->
 
 def run(out: str, cfg: Config) -> Dict:
     """Run (or resume) the experiment in `out`; write am_vs_bt.{md,png,json}; return the results."""
-    torch.set_num_threads(1)
-    start = time.time()
-    cfg_json = pin_json(os.path.join(out, "config.json"), {k: v for k, v in dataclasses.asdict(cfg).items()
-                                                           if k != "workers"}, "am_vs_bt run")
+    start, cfg_json, setups = paper2.start(out, cfg, setup_world, "am_vs_bt run")
     exists = lambda *parts: os.path.exists(os.path.join(out, *parts))  # noqa: E731
-    setups = dict(zip(cfg.worlds, paper2.run_jobs(setup_world, [(out, cfg, w) for w in cfg.worlds], cfg.workers,
-                                                  "setup (worlds)", lambda j: exists(f"world{j[2]}", "setup.json"))))
     keys = [(w, s) for w in cfg.worlds for s in cfg.seeds]
     proxies = dict(zip(keys, paper2.run_jobs(train_proxies, [(out, cfg, w, s) for w, s in keys], cfg.workers,
                                              "proxies (world x seed)",

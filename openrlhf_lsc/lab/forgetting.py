@@ -37,7 +37,7 @@ import torch
 from openrlhf_lsc.lab import models, paper2, ppo, world
 from openrlhf_lsc.lab.config import PRESETS as LAB_PRESETS
 from openrlhf_lsc.lab.evaluation import gold_scores
-from openrlhf_lsc.lab.files import pin_json, read_json, save_figure, write_json, write_text
+from openrlhf_lsc.lab.files import read_json, save_figure, write_json, write_text
 from openrlhf_lsc.lab.world_setup import Lab
 from openrlhf_lsc.rehearsal import cluster_prompts, select, token_nll
 
@@ -404,13 +404,7 @@ def report(cfg: Config, setups: Dict, analysis: Dict, fig: str, timing: Dict) ->
 
 def run(out: str, cfg: Config) -> Dict:
     """Run (or resume) the experiment in `out`; write forgetting.{md,png,json}; return the results."""
-    torch.set_num_threads(1)
-    start = time.time()
-    cfg_json = pin_json(os.path.join(out, "config.json"), {k: v for k, v in dataclasses.asdict(cfg).items()
-                                                           if k != "workers"}, "forgetting run")
-    setups = dict(zip(cfg.worlds, paper2.run_jobs(
-        setup_world, [(out, cfg, w) for w in cfg.worlds], cfg.workers, "setup (worlds)",
-        lambda j: os.path.exists(os.path.join(out, f"world{j[2]}", "setup.json")))))
+    start, cfg_json, setups = paper2.start(out, cfg, setup_world, "forgetting run")
     keys = [(w, a["name"], s) for w in cfg.worlds for s in cfg.seeds for a in arms(cfg.gammas)]
     by_name = {a["name"]: a for a in arms(cfg.gammas)}
     runs = dict(zip(keys, paper2.run_jobs(run_one, [(out, cfg, w, by_name[a], s) for w, a, s in keys], cfg.workers,

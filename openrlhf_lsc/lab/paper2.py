@@ -7,13 +7,18 @@ and prompts within each), `stats.verdict` its verdict, and a claim is `stats.com
 """
 
 import concurrent.futures as cf
+import dataclasses
 import multiprocessing
-from typing import Callable, Dict, List, Optional, Sequence
+import os
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from openrlhf_lsc.lab import stats
+from openrlhf_lsc.lab.files import pin_json
 
 
 def run_jobs(fn: Callable, jobs: Sequence, workers: int, desc: str, done: Callable[[object], bool]) -> List:
@@ -30,6 +35,22 @@ def run_jobs(fn: Callable, jobs: Sequence, workers: int, desc: str, done: Callab
             for f in tqdm(cf.as_completed(futures), total=len(futures), desc=desc):
                 results[futures[f]] = f.result()
     return [results[i] for i in range(len(jobs))]
+
+
+def start(out: str, cfg, setup_world: Callable, what: str) -> Tuple[float, Dict, Dict]:
+    """An experiment's start: `cfg` (but its worker count) pinned in `out/config.json`, so resuming with another is
+    refused; every world set up by `setup_world((out, cfg, w))`, which writes `world<w>/setup.json` last.
+
+    Returns:
+        (the start time, the pinned configuration, {world: setup}).
+    """
+    started = time.time()
+    torch.set_num_threads(1)
+    pinned = pin_json(os.path.join(out, "config.json"),
+                      {k: v for k, v in dataclasses.asdict(cfg).items() if k != "workers"}, what)
+    setups = run_jobs(setup_world, [(out, cfg, w) for w in cfg.worlds], cfg.workers, "setup (worlds)",
+                      lambda j: os.path.exists(os.path.join(out, f"world{j[2]}", "setup.json")))
+    return started, pinned, dict(zip(cfg.worlds, setups))
 
 
 def win_rate_vs(policy_gold: np.ndarray, sft_gold: np.ndarray) -> np.ndarray:
